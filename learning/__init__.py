@@ -1,0 +1,1 @@
+"""Learning code: models, datasets, partitioners, local training, metrics. Knows nothing of MQTT."""

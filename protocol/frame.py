@@ -1,0 +1,183 @@
+"""Update frame v1: one model update from one agent, self-describing and checksummed.
+
+Binary layout::
+
+    b"FSUF" | u8 format version (1) | u32 header length (big endian) | header JSON | payload
+
+The header (``FrameHeader``) names the codec pipeline (grammar in ``protocol.codec``), the
+base model version, the tensors (names and shapes, in wire order), sample count, metrics and
+the SHA-256 and length of the payload. Only trainable float parameters and the listed
+buffers travel; optimizer, observer and other local state never enter a frame.
+
+Decoding is all-or-nothing: it returns the full float32 tensors or raises ``FrameError``
+with a reason code; nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol.codec import CodecError, ErrorFeedbackState, Tensors, TensorSpec, parse_codec
+from protocol.errors import FrameError
+from protocol.tensors import all_finite, global_norm, subtract
+
+FRAME_MAGIC = b"FSUF"
+FRAME_FORMAT = 1
+_PREFIX = struct.Struct(">4sBI")
+MAX_HEADER_BYTES = 1 << 20
+
+
+class TensorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: tuple[int, ...]
+
+
+class FrameHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    update_id: str = Field(min_length=1, max_length=128)
+    agent_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    round_id: int = Field(ge=0)
+    kind: Literal["full", "delta"]
+    base_version: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    codec: str
+    dtype: Literal["float32"] = "float32"
+    tensors: list[TensorInfo]
+    sample_count: int = Field(ge=1)
+    metrics: dict[str, float] = {}
+    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    payload_bytes: int = Field(ge=0)
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DecodedUpdate:
+    header: FrameHeader
+    tensors: Tensors  # full weights, float32, in header order
+
+
+def specs_of(tensors: Mapping[str, np.ndarray]) -> list[TensorSpec]:
+    return [TensorSpec(name, tuple(int(d) for d in t.shape)) for name, t in tensors.items()]
+
+
+def encode_update(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    agent_id: str,
+    round_id: int,
+    base_version: str,
+    sample_count: int,
+    codec: str = "raw",
+    base: Mapping[str, np.ndarray] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    state: ErrorFeedbackState | None = None,
+    seed: int = 0,
+    update_id: str | None = None,
+) -> bytes:
+    """Encode full local weights as a frame; a ``delta`` codec subtracts ``base`` itself."""
+    pipeline = parse_codec(codec)
+    arrays: Tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    if pipeline.needs_base and base is None:
+        raise FrameError(f"codec {codec!r} needs the base model", reason="missing_base")
+    payload = pipeline.encode(
+        arrays,
+        base={k: np.asarray(v, dtype=np.float32) for k, v in base.items()} if base is not None else None,
+        state=state,
+        seed=seed,
+    )
+    header = FrameHeader(
+        update_id=update_id or uuid.uuid4().hex,
+        agent_id=agent_id,
+        round_id=round_id,
+        kind="delta" if pipeline.needs_base else "full",
+        base_version=base_version,
+        codec=pipeline.spec,
+        tensors=[TensorInfo(name=k, shape=tuple(v.shape)) for k, v in arrays.items()],
+        sample_count=sample_count,
+        metrics={k: float(v) for k, v in (metrics or {}).items() if np.isfinite(v)},
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_bytes=len(payload),
+        created_at=time.time(),
+    )
+    head = header.model_dump_json().encode("utf-8")
+    return _PREFIX.pack(FRAME_MAGIC, FRAME_FORMAT, len(head)) + head + payload
+
+
+def read_header(frame: bytes) -> tuple[FrameHeader, bytes]:
+    """Validate the frame's envelope and checksum; return the header and the raw payload."""
+    if len(frame) < _PREFIX.size:
+        raise FrameError(f"frame of {len(frame)} bytes is shorter than its prefix", reason="truncated")
+    magic, fmt, head_len = _PREFIX.unpack_from(frame)
+    if magic != FRAME_MAGIC:
+        raise FrameError("not an update frame (bad magic)", reason="bad_magic")
+    if fmt != FRAME_FORMAT:
+        raise FrameError(f"frame format {fmt} is not supported (want {FRAME_FORMAT})", reason="unsupported_version")
+    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(frame):
+        raise FrameError("frame header truncated or too long", reason="truncated")
+    try:
+        header = FrameHeader.model_validate_json(frame[_PREFIX.size : _PREFIX.size + head_len])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise FrameError(f"frame header {where}: {first.get('msg')}", reason="bad_header") from exc
+    payload = frame[_PREFIX.size + head_len :]
+    if len(payload) != header.payload_bytes:
+        raise FrameError(
+            f"payload is {len(payload)} bytes, header says {header.payload_bytes}", reason="truncated"
+        )
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise FrameError("payload checksum mismatch", reason="checksum_mismatch")
+    return header, payload
+
+
+def decode_update(
+    frame: bytes,
+    *,
+    expected: Sequence[TensorSpec],
+    base: Mapping[str, np.ndarray] | None = None,
+    max_update_norm: float | None = None,
+) -> DecodedUpdate:
+    """Decode and validate a frame against the base model's tensor specs.
+
+    Refuses (``FrameError``): bad envelope/checksum, unknown codec, tensors whose names or
+    shapes differ from ``expected``, non-finite values, and, when ``max_update_norm`` is given,
+    an update whose distance from ``base`` is implausibly large.
+    """
+    header, payload = read_header(frame)
+    got = [(t.name, tuple(t.shape)) for t in header.tensors]
+    want = [(s.name, tuple(s.shape)) for s in expected]
+    if got != want:
+        diff = next(((g, w) for g, w in zip(got, want, strict=False) if g != w), None)
+        raise FrameError(
+            f"tensors do not match the base model ({len(got)} vs {len(want)} tensors; first difference {diff})",
+            reason="shape_mismatch",
+        )
+    try:
+        pipeline = parse_codec(header.codec)
+    except CodecError as exc:
+        raise FrameError(f"codec {header.codec!r}: {exc}", reason="unknown_codec") from exc
+    if pipeline.needs_base and base is None:
+        raise FrameError("delta frame but no base model to apply it to", reason="missing_base")
+    base32 = {k: np.asarray(v, dtype=np.float32) for k, v in base.items()} if base is not None else None
+    try:
+        tensors = pipeline.decode(payload, specs=list(expected), base=base32)
+    except CodecError as exc:
+        raise FrameError(f"payload does not decode: {exc}", reason=f"codec_{exc.reason}") from exc
+    if not all_finite(tensors):
+        raise FrameError("update holds NaN or infinite values", reason="non_finite")
+    if max_update_norm is not None and base32 is not None:
+        norm = global_norm(subtract(tensors, base32))
+        if norm > max_update_norm:
+            raise FrameError(f"update norm {norm:.3g} exceeds plausible bound {max_update_norm:.3g}", reason="norm_too_large")
+    return DecodedUpdate(header, tensors)

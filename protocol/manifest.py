@@ -1,0 +1,113 @@
+"""Model manifest v1: what a global model is, and the canonical bytes a signature covers.
+
+The manifest is published retained on ``models/{version}/manifest``. ``canonical_bytes`` is the
+canonical JSON (sorted keys, no whitespace) of every field except ``signature``; the Ed25519
+signature (fleet issue) covers exactly those bytes, so any change to any other field breaks it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol.errors import ManifestError
+from protocol.messages import Identifier, dumps_canonical
+
+MANIFEST_SCHEMA = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorEntry(_Strict):
+    name: str
+    shape: tuple[int, ...]
+    dtype: Literal["float32"] = "float32"
+
+
+class InputSpec(_Strict):
+    channels: int = Field(ge=1, le=4)
+    height: int = Field(ge=8, le=4096)
+    width: int = Field(ge=8, le=4096)
+    dtype: Literal["float32"] = "float32"
+
+
+class Architecture(_Strict):
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
+class Artifact(_Strict):
+    """An inference artifact: ONNX FP32/INT8, a TensorRT engine per target (export issue)."""
+
+    kind: Literal["onnx-fp32", "onnx-int8", "tensorrt"]
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    target: str | None = None
+    verification: dict[str, float | int | str] = {}
+
+
+class Calibration(_Strict):
+    """Temperature scaling fitted on the coordinator's validation split (diagnosis issue)."""
+
+    temperature: float = Field(gt=0)
+    fitted_on: str = "validation"
+    ece_before: float | None = None
+    ece_after: float | None = None
+
+
+class ValidationBatch(_Strict):
+    """A labelled batch shipped with the model for on-box health gates (fleet issue)."""
+
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    count: int = Field(ge=1)
+
+
+class Signature(_Strict):
+    algorithm: Literal["ed25519"] = "ed25519"
+    key_id: str
+    value: str  # base64
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = MANIFEST_SCHEMA
+    version: Identifier
+    parent: Identifier | None = None
+    round_id: int | None = None
+    created_at: float = Field(default_factory=time.time)
+    architecture: Architecture
+    classes: list[str] = Field(min_length=2)
+    input: InputSpec
+    preprocessing: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    participants: list[str] = []
+    tensors: list[TensorEntry]
+    tensor_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    artifacts: list[Artifact] = []
+    calibration: Calibration | None = None
+    validation_batch: ValidationBatch | None = None
+    targets: list[str] | None = None
+    signature: Signature | None = None
+
+    def canonical_bytes(self) -> bytes:
+        body = self.model_dump(mode="json", exclude={"signature"})
+        return dumps_canonical(body)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+def parse_manifest(payload: bytes | str) -> Manifest:
+    try:
+        return Manifest.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ManifestError(f"manifest {where}: {first.get('msg')}", reason="bad_manifest") from exc
+    except ValueError as exc:
+        raise ManifestError(f"manifest is not JSON: {exc}", reason="bad_manifest") from exc
