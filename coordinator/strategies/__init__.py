@@ -1,0 +1,27 @@
+"""Aggregation strategies, by name. ``build_strategy("fedavg")`` is what the CLI and config use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
+from coordinator.strategies.fedavg import FedAdam, FedAvg, FedAvgM, FedProx
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": lambda **kw: FedAdam(yogi=True, **kw),
+}
+
+
+def build_strategy(name: str, **kwargs: Any) -> Strategy:
+    try:
+        return STRATEGIES[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}") from None
+
+
+__all__ = ["STRATEGIES", "AggregateReport", "ClientResult", "Strategy", "build_strategy"]
