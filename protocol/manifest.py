@@ -75,7 +75,7 @@ class Signature(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = MANIFEST_SCHEMA
+    schema_version: Literal[1] = 1
     version: Identifier
     parent: Identifier | None = None
     round_id: int | None = None

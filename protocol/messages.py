@@ -22,7 +22,7 @@ Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode("utf-8")

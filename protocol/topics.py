@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from protocol.errors import UnknownTopic
 
@@ -39,7 +39,7 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     STATUS = "status"
     TELEMETRY = "telemetry"
     SHADOW_DESIRED = "shadow/desired"
