@@ -20,7 +20,7 @@ def make_norm(norm: Norm, channels: int) -> nn.Module:
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "group":
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 2 or g == 1)
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if (channels % g == 0 and channels // g >= 2) or g == 1)
         return nn.GroupNorm(groups, channels)
     raise ValueError(f"unknown norm {norm!r} (use 'group' or 'batch')")
 

@@ -164,7 +164,7 @@ class PrivacySection(_Section):
 
 
 class FirmwareProfile(_Section):
-    schema_version: Literal[1] = PROFILE_SCHEMA
+    schema_version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str = ""
     modality: str
