@@ -7,6 +7,7 @@ from typing import Any
 
 from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
 from coordinator.strategies.fedavg import FedAdam, FedAvg, FedAvgM, FedProx
+from coordinator.strategies.robust import Krum, Median, MultiKrum, NormBound, TrimmedMean
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": FedAvg,
@@ -14,6 +15,11 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavgm": FedAvgM,
     "fedadam": FedAdam,
     "fedyogi": lambda **kw: FedAdam(yogi=True, **kw),
+    "median": Median,
+    "trimmed_mean": TrimmedMean,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "normbound": NormBound,
 }
 
 

@@ -1,0 +1,195 @@
+"""Byzantine-robust aggregation: pure functions on client deltas. No I/O, no torch.
+
+Every function takes a list of ``Tensors`` (client *deltas*, i.e. client weights minus the
+global base, all with the same names and shapes) and returns new arrays. Sample counts are
+deliberately not used here: they are self-reported, so an attacker could claim a huge count
+to outweigh everyone else; robust aggregators treat each client as one vote.
+
+- ``coordinate_median`` — per coordinate median (Yin et al. 2018).
+- ``trimmed_mean`` — per coordinate, drop the ``floor(beta * n)`` largest and smallest values,
+  average the rest (Yin et al. 2018).
+- ``krum`` / ``multi_krum`` — pick the update(s) closest to their ``n - f - 2`` nearest
+  neighbours (Blanchard et al. 2017); ``multi_krum`` averages the ``m`` best.
+- ``norm_bound`` — scale every delta down to at most ``max_norm`` (Sun et al. 2019).
+- ``anomaly_scores`` — per client: L2 norm, distance to the coordinate-wise median, cosine
+  similarity to the median, and a robust z-score (median/MAD) of that distance, for logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.aggregate import Tensors
+
+Delta = Mapping[str, np.ndarray]
+
+
+def _keys(updates: Sequence[Delta]) -> list[str]:
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    keys = list(updates[0])
+    for u in updates[1:]:
+        if list(u) != keys:
+            raise ValueError("updates have different tensor sets")
+        for k in keys:
+            if u[k].shape != updates[0][k].shape:
+                raise ValueError(f"tensor {k!r} has different shapes across updates")
+    return keys
+
+
+def flatten(updates: Sequence[Delta]) -> np.ndarray:
+    """Stack updates as rows of an ``(n, d)`` float64 matrix (tensor order of the first update)."""
+    keys = _keys(updates)
+    return np.stack(
+        [np.concatenate([np.asarray(u[k], dtype=np.float64).ravel() for k in keys]) for u in updates]
+    ) if keys else np.zeros((len(updates), 0))
+
+
+def unflatten(vector: np.ndarray, like: Delta) -> Tensors:
+    """Inverse of one row of :func:`flatten`, as float32 tensors shaped like ``like``."""
+    out: Tensors = {}
+    pos = 0
+    for k, t in like.items():
+        size = int(np.asarray(t).size)
+        out[k] = vector[pos : pos + size].reshape(np.asarray(t).shape).astype(np.float32)
+        pos += size
+    if pos != vector.size:
+        raise ValueError(f"vector has {vector.size} values, tensors need {pos}")
+    return out
+
+
+def coordinate_median(updates: Sequence[Delta]) -> Tensors:
+    """Coordinate-wise median (for an even count, the mean of the two middle values)."""
+    x = flatten(updates)
+    return unflatten(np.median(x, axis=0), updates[0])
+
+
+def trimmed_mean(updates: Sequence[Delta], beta: float) -> Tensors:
+    """Coordinate-wise ``beta``-trimmed mean: drop ``floor(beta*n)`` values at each end."""
+    n = len(updates)
+    if not 0.0 <= beta < 0.5:
+        raise ValueError("trimmed mean beta must be in [0, 0.5)")
+    k = int(np.floor(beta * n))
+    if n - 2 * k < 1:
+        raise ValueError(f"trimming {k} from each end of {n} updates leaves nothing")
+    x = np.sort(flatten(updates), axis=0)
+    return unflatten(x[k : n - k].mean(axis=0), updates[0])
+
+
+def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances between the rows of ``x`` (exactly 0 on the diagonal)."""
+    sq = np.einsum("ij,ij->i", x, x)
+    d = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.fill_diagonal(d, 0.0)
+    return np.maximum(d, 0.0)
+
+
+def krum_scores(x: np.ndarray, f: int) -> np.ndarray:
+    """Krum score per row: sum of squared distances to its ``n - f - 2`` nearest other rows."""
+    n = x.shape[0]
+    if f < 0:
+        raise ValueError("f must be >= 0")
+    if n < 2 * f + 3:
+        raise ValueError(f"Krum with f={f} byzantine clients needs n >= 2f+3 = {2 * f + 3}, got {n}")
+    d = pairwise_sq_distances(x)
+    closest = n - f - 2
+    scores = np.empty(n)
+    for i in range(n):
+        others = np.delete(d[i], i)
+        scores[i] = np.sort(others)[:closest].sum()
+    return scores
+
+
+def multi_krum(updates: Sequence[Delta], f: int, m: int | None = None) -> tuple[Tensors, list[int]]:
+    """Average of the ``m`` updates with the lowest Krum scores (``m = n - f`` by default).
+
+    Returns the aggregate and the selected indices (best first). Ties break by index.
+    """
+    x = flatten(updates)
+    n = x.shape[0]
+    m = n - f if m is None else m
+    if not 1 <= m <= n:
+        raise ValueError(f"multi-Krum m must be in [1, {n}], got {m}")
+    scores = krum_scores(x, f)
+    chosen = [int(i) for i in np.argsort(scores, kind="stable")[:m]]
+    return unflatten(x[chosen].mean(axis=0), updates[0]), chosen
+
+
+def krum(updates: Sequence[Delta], f: int) -> tuple[Tensors, int]:
+    """The single update with the lowest Krum score, and its index."""
+    agg, chosen = multi_krum(updates, f, m=1)
+    return agg, chosen[0]
+
+
+def l2_norms(updates: Sequence[Delta]) -> np.ndarray:
+    return np.linalg.norm(flatten(updates), axis=1)
+
+
+def norm_bound(updates: Sequence[Delta], max_norm: float) -> tuple[list[Tensors], np.ndarray, np.ndarray]:
+    """Scale each delta to L2 norm at most ``max_norm``.
+
+    Returns (bounded deltas, original norms, boolean mask of the clipped ones).
+    """
+    if not max_norm > 0 or not np.isfinite(max_norm):
+        raise ValueError("max_norm must be a positive finite number")
+    norms = l2_norms(updates)
+    clipped = norms > max_norm
+    out: list[Tensors] = []
+    for u, norm in zip(updates, norms, strict=True):
+        scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+        out.append({k: (np.asarray(v, dtype=np.float64) * scale).astype(np.float32) for k, v in u.items()})
+    return out, norms, clipped
+
+
+def mean(updates: Sequence[Delta], weights: Sequence[float] | None = None) -> Tensors:
+    """(Weighted) mean of deltas in float64; equal weights when ``weights`` is None."""
+    x = flatten(updates)
+    w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum, one per update")
+    return unflatten((w / w.sum()) @ x, updates[0])
+
+
+@dataclass(frozen=True)
+class AnomalyScore:
+    """How far one client's delta sits from the crowd. Higher ``robust_z`` = more suspicious."""
+
+    norm: float
+    distance_to_median: float
+    cosine_to_median: float
+    robust_z: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "norm": self.norm,
+            "distance_to_median": self.distance_to_median,
+            "cosine_to_median": self.cosine_to_median,
+            "robust_z": self.robust_z,
+        }
+
+
+def anomaly_scores(updates: Sequence[Delta]) -> list[AnomalyScore]:
+    """Per update: norm, L2 distance and cosine to the coordinate-wise median, and the robust
+    z-score ``(dist - median(dist)) / (1.4826 * MAD(dist))`` of that distance.
+
+    The MAD is floored at 1e-12 relative to the median distance so identical updates give 0.
+    """
+    x = flatten(updates)
+    med = np.median(x, axis=0)
+    dist = np.linalg.norm(x - med, axis=1)
+    norms = np.linalg.norm(x, axis=1)
+    med_norm = float(np.linalg.norm(med))
+    cos = np.where(
+        (norms > 0) & (med_norm > 0), (x @ med) / np.maximum(norms * med_norm, 1e-300), 0.0
+    )
+    center = float(np.median(dist))
+    mad = 1.4826 * float(np.median(np.abs(dist - center)))
+    scale = max(mad, 1e-12 * max(center, 1e-12))
+    z = (dist - center) / scale
+    return [
+        AnomalyScore(float(n), float(d), float(c), float(zi))
+        for n, d, c, zi in zip(norms, dist, cos, z, strict=True)
+    ]

@@ -1,0 +1,129 @@
+"""Byzantine-robust strategies over ``coordinator.robust``: median, trimmed mean, (multi-)Krum,
+norm bounding.
+
+All of them work on deltas (client weights minus ``base``), give every client one vote
+(sample counts are self-reported, see ``coordinator.robust``), and put per-agent anomaly
+scores into the ``AggregateReport`` under ``details["anomaly"][agent_id]`` so the round
+manager can log them. ``details["suspects"]`` lists agents whose robust z-score exceeds
+``suspect_z`` (default 3.5), and the ``details["excluded"]``/``["clipped"]`` entries say what
+the aggregator threw away or scaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from coordinator import robust
+from coordinator.aggregate import Tensors, apply_delta, deltas
+from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
+
+
+class _RobustStrategy(Strategy):
+    """Shared plumbing: compute deltas, score anomalies, apply the robust delta to ``base``."""
+
+    def __init__(self, server_lr: float = 1.0, suspect_z: float = 3.5) -> None:
+        if server_lr <= 0:
+            raise ValueError("server_lr must be > 0")
+        self.server_lr, self.suspect_z = server_lr, suspect_z
+
+    def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
+        raise NotImplementedError
+
+    def aggregate(self, round_id: int, base: Tensors, results: list[ClientResult]) -> tuple[Tensors, AggregateReport]:
+        if not results:
+            raise ValueError("nothing to aggregate")
+        ds = deltas([r.tensors for r in results], base)
+        scores = robust.anomaly_scores(ds)
+        delta, extra = self._combine(ds, results)
+        ids = [r.agent_id for r in results]
+        details: dict[str, Any] = {
+            "strategy": self.name,
+            "clients": ids,
+            "anomaly": {a: s.as_dict() for a, s in zip(ids, scores, strict=True)},
+            "suspects": [a for a, s in zip(ids, scores, strict=True) if s.robust_z > self.suspect_z],
+            **extra,
+        }
+        return apply_delta(base, delta, self.server_lr), AggregateReport(details)
+
+
+class Median(_RobustStrategy):
+    name = "median"
+
+    def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
+        return robust.coordinate_median(ds), {}
+
+
+class TrimmedMean(_RobustStrategy):
+    name = "trimmed_mean"
+
+    def __init__(self, beta: float = 0.2, **kw: Any) -> None:
+        super().__init__(**kw)
+        if not 0.0 <= beta < 0.5:
+            raise ValueError("trimmed mean beta must be in [0, 0.5)")
+        self.beta = beta
+
+    def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
+        k = int(np.floor(self.beta * len(ds)))
+        return robust.trimmed_mean(ds, self.beta), {"trimmed_per_side": k}
+
+
+class MultiKrum(_RobustStrategy):
+    """Multi-Krum; ``m=None`` averages the ``n - f`` best-scored updates."""
+
+    name = "multikrum"
+
+    def __init__(self, f: int = 1, m: int | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        if f < 0:
+            raise ValueError("f must be >= 0")
+        self.f, self.m = f, m
+
+    def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
+        agg, chosen = robust.multi_krum(ds, self.f, self.m)
+        picked = {results[i].agent_id for i in chosen}
+        return agg, {
+            "selected": [results[i].agent_id for i in chosen],
+            "excluded": [r.agent_id for r in results if r.agent_id not in picked],
+        }
+
+
+class Krum(MultiKrum):
+    name = "krum"
+
+    def __init__(self, f: int = 1, **kw: Any) -> None:
+        super().__init__(f=f, m=1, **kw)
+
+
+class NormBound(_RobustStrategy):
+    """Clip each delta to ``max_norm`` then average.
+
+    ``max_norm=None`` uses ``factor`` times the median delta norm of the round, which adapts to
+    the model and learning rate without tuning and cannot be moved by fewer than half the
+    clients. ``weighted=True`` weights by (self-reported) sample count like FedAvg.
+    """
+
+    name = "normbound"
+
+    def __init__(self, max_norm: float | None = None, factor: float = 1.5, weighted: bool = False,
+                 **kw: Any) -> None:
+        super().__init__(**kw)
+        if max_norm is not None and max_norm <= 0:
+            raise ValueError("max_norm must be > 0")
+        if factor <= 0:
+            raise ValueError("factor must be > 0")
+        self.max_norm, self.factor, self.weighted = max_norm, factor, weighted
+
+    def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
+        if self.max_norm is not None:
+            bound = self.max_norm
+        else:
+            med = float(np.median(robust.l2_norms(ds)))
+            bound = self.factor * med if med > 0 else 1e-12
+        bounded, _norms, clipped = robust.norm_bound(ds, bound)
+        weights = [float(r.sample_count) for r in results] if self.weighted else None
+        return robust.mean(bounded, weights), {
+            "norm_bound": bound,
+            "clipped": [r.agent_id for r, c in zip(results, clipped, strict=True) if c],
+        }
