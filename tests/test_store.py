@@ -174,8 +174,7 @@ def test_concurrent_first_open_from_processes(db_url: str) -> None:
     """Several coordinators starting at once on an empty database all succeed."""
     code = "import sys; from coordinator.store import open_store; open_store(sys.argv[1]).close()"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, db_url], cwd=REPO_ROOT, stderr=subprocess.PIPE)
-        for _ in range(4)
+        subprocess.Popen([sys.executable, "-c", code, db_url], cwd=REPO_ROOT, stderr=subprocess.PIPE) for _ in range(4)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=60)
@@ -215,10 +214,7 @@ def test_agents(store: Store) -> None:
         "v1",
         "v2",
     )
-    assert (
-        store.enroll_agent("a1", "rk3588", ["mr"], cert_fingerprint="sha256:bb").cert_fingerprint
-        == "sha256:bb"
-    )
+    assert store.enroll_agent("a1", "rk3588", ["mr"], cert_fingerprint="sha256:bb").cert_fingerprint == "sha256:bb"
 
     store.mark_seen("a1", online=False)
     got = store.get_agent("a1")
@@ -309,8 +305,7 @@ def test_updates(store: Store) -> None:
 
     order = ["a3", "a1", "a2"]  # acceptance order differs from id order
     recs = [
-        store.add_update(**_update_kwargs(1, a, f"u-{a}", sample_count=i + 1, staleness=i))
-        for i, a in enumerate(order)
+        store.add_update(**_update_kwargs(1, a, f"u-{a}", sample_count=i + 1, staleness=i)) for i, a in enumerate(order)
     ]
     assert [r.agent_id for r in store.list_updates(1)] == order
     assert store.list_updates(1) == recs
@@ -394,9 +389,7 @@ def test_concurrent_duplicate_updates_accept_exactly_one(store: Store) -> None:
 def test_models(store: Store) -> None:
     assert store.latest_model() is None and store.list_models() == []
     store.create_round(1, base_version="v0", config={}, deadline=1.0)
-    m0 = store.add_model(
-        version="v0", parent=None, round_id=None, manifest={"sha256": SHA_A}, participants=[]
-    )
+    m0 = store.add_model(version="v0", parent=None, round_id=None, manifest={"sha256": SHA_A}, participants=[])
     assert (m0.version, m0.parent, m0.round_id, m0.manifest, m0.participants, m0.state) == (
         "v0",
         None,
@@ -406,15 +399,11 @@ def test_models(store: Store) -> None:
         "candidate",
     )
     # version names chosen so creation order != lexical order
-    store.add_model(
-        version="z-v1", parent="v0", round_id=1, manifest={}, participants=["a2", "a1"], state="approved"
-    )
+    store.add_model(version="z-v1", parent="v0", round_id=1, manifest={}, participants=["a2", "a1"], state="approved")
     store.add_model(version="b-v2", parent="z-v1", round_id=None, manifest={}, participants=[])
     assert [m.version for m in store.list_models()] == ["v0", "z-v1", "b-v2"]
     got = store.get_model("z-v1")
-    assert (
-        got is not None and got.participants == ["a2", "a1"] and got.round_id == 1 and got.state == "approved"
-    )
+    assert got is not None and got.participants == ["a2", "a1"] and got.round_id == 1 and got.state == "approved"
     latest = store.latest_model()
     assert latest is not None and latest.version == "b-v2"
 
@@ -652,10 +641,7 @@ def test_blobstore_put_get_has_delete(tmp_path: Path) -> None:
     assert sha == hashlib.sha256(data).hexdigest()
     assert blobs.has(sha) and blobs.get(sha) == data
     assert blobs.put(data) == sha  # idempotent
-    assert (
-        blobs.put(b"") == hashlib.sha256(b"").hexdigest()
-        and blobs.get(hashlib.sha256(b"").hexdigest()) == b""
-    )
+    assert blobs.put(b"") == hashlib.sha256(b"").hexdigest() and blobs.get(hashlib.sha256(b"").hexdigest()) == b""
     assert sorted(blobs.iter_shas()) == sorted([sha, hashlib.sha256(b"").hexdigest()])
     assert not list((tmp_path / "blobs").glob("*/.tmp-*"))  # no temp files left behind
     assert blobs.delete(sha) is True and blobs.delete(sha) is False
@@ -696,3 +682,16 @@ def test_blobstore_sweeps_stale_temp_files(tmp_path: Path) -> None:
     assert blobs.sweep_temp(max_age_s=3600) == 1
     assert not stale.exists() and blobs.get(sha) == b"x"
     assert list(blobs.iter_shas()) == [sha]
+
+
+def test_url_handling() -> None:
+    from coordinator.store.db import normalize_url
+
+    assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+    with pytest.raises(StoreError, match="unsupported"):
+        open_store("mysql://u@h/db")
+    with open_store("sqlite://") as mem:  # in-memory: handy for unit tests elsewhere
+        mem.enroll_agent("a", "p", [])
+        assert [a.agent_id for a in mem.list_agents()] == ["a"]

@@ -400,9 +400,7 @@ class Store:
             self._require(conn, t.agents, t.agents.c.agent_id, agent_id, "agent")
             if conn.execute(sa.select(u.c.seq).where(u.c.update_id == update_id)).first():
                 raise DuplicateError(f"update_id {update_id!r} already recorded")
-            if conn.execute(
-                sa.select(u.c.seq).where(u.c.round_id == round_id, u.c.agent_id == agent_id)
-            ).first():
+            if conn.execute(sa.select(u.c.seq).where(u.c.round_id == round_id, u.c.agent_id == agent_id)).first():
                 raise DuplicateError(f"agent {agent_id!r} already has an update in round {round_id}")
             try:
                 seq = conn.execute(
@@ -421,27 +419,19 @@ class Store:
                     .returning(u.c.seq)
                 ).scalar_one()
             except sa_exc.IntegrityError as exc:  # lost a race with another writer
-                raise DuplicateError(
-                    f"update {update_id!r} ({agent_id!r}, round {round_id}) already recorded"
-                ) from exc
+                raise DuplicateError(f"update {update_id!r} ({agent_id!r}, round {round_id}) already recorded") from exc
             return _update(conn.execute(sa.select(u).where(u.c.seq == seq)).mappings().one())
 
     def get_update(self, update_id: str) -> UpdateRecord | None:
         with self._tx(write=False) as conn:
-            row = (
-                conn.execute(sa.select(t.updates).where(t.updates.c.update_id == update_id))
-                .mappings()
-                .first()
-            )
+            row = conn.execute(sa.select(t.updates).where(t.updates.c.update_id == update_id)).mappings().first()
             return None if row is None else _update(row)
 
     def list_updates(self, round_id: int) -> list[UpdateRecord]:
         """Updates of ``round_id`` in acceptance order."""
         u = t.updates
         with self._tx(write=False) as conn:
-            rows = (
-                conn.execute(sa.select(u).where(u.c.round_id == round_id).order_by(u.c.seq)).mappings().all()
-            )
+            rows = conn.execute(sa.select(u).where(u.c.round_id == round_id).order_by(u.c.seq)).mappings().all()
             return [_update(row) for row in rows]
 
     def has_update(self, round_id: int, agent_id: str) -> bool:
@@ -524,9 +514,7 @@ class Store:
             raise ValueError(f"unknown model state {state!r}; expected one of {sorted(MODEL_STATES)}")
         with self._tx(write=True) as conn:
             result = conn.execute(
-                sa.update(t.models)
-                .where(t.models.c.version == version)
-                .values(state=state, updated_at=time.time())
+                sa.update(t.models).where(t.models.c.version == version).values(state=state, updated_at=time.time())
             )
             if result.rowcount == 0:
                 raise NotFoundError(f"model {version!r} not found")
