@@ -177,7 +177,8 @@ def test_concurrent_first_open_from_processes(db_url: str) -> None:
         subprocess.Popen([sys.executable, "-c", code, db_url], cwd=REPO_ROOT, stderr=subprocess.PIPE) for _ in range(4)
     ]
     for proc in procs:
-        _, err = proc.communicate(timeout=60)
+        with proc:
+            _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err.decode()
     with open_store(db_url) as s:
         assert s.list_agents() == []
@@ -574,26 +575,27 @@ for r in range(1, 1000):
 def test_killed_process_leaves_consistent_store(db_url: str, tmp_path: Path, mode: str) -> None:
     blob_dir = tmp_path / "blobs"
     n = 25
-    proc = subprocess.Popen(
+    acknowledged: list[int] = []
+    with subprocess.Popen(
         [sys.executable, "-c", _CRASH_CHILD, db_url, str(blob_dir), mode, str(n)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    assert proc.stdout is not None
-    acknowledged: list[int] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        acknowledged.append(int(line))
-        if mode == "sigkill" and len(acknowledged) == n:
-            proc.send_signal(signal.SIGKILL)  # lands somewhere inside the next iteration
-            break
-    rc = proc.wait(timeout=60)
-    assert len(acknowledged) == n, proc.stderr.read() if proc.stderr else ""
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(int(line))
+            if mode == "sigkill" and len(acknowledged) == n:
+                proc.send_signal(signal.SIGKILL)  # lands somewhere inside the next iteration
+                break
+        rc = proc.wait(timeout=60)
+        stderr = proc.stderr.read()
+    assert len(acknowledged) == n, stderr
     assert rc == (-signal.SIGKILL if mode == "sigkill" else 3)
 
     with open_store(db_url) as store:
