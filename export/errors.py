@@ -1,0 +1,35 @@
+"""Typed export errors: every refusal carries a short machine-readable reason code."""
+
+from __future__ import annotations
+
+
+class ExportError(RuntimeError):
+    """An export, verification or engine step that did not produce a usable artifact."""
+
+    reason: str = "export_failed"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        return f"[{self.reason}] {super().__str__()}"
+
+
+class VerificationError(ExportError):
+    """An artifact whose outputs disagree with the torch model beyond the stated tolerance."""
+
+    reason = "verification_failed"
+
+
+class BadArtifact(ExportError):
+    """A file that is not a valid ONNX model / engine (corrupt, truncated, wrong content)."""
+
+    reason = "bad_artifact"
+
+
+class EngineUnavailable(ExportError):
+    """An engine or builder that cannot run on this machine; the message says why."""
+
+    reason = "unavailable"
