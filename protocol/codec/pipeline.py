@@ -242,6 +242,7 @@ class Pipeline:
         self.ef: str | None = None
         if ef_at is not None:
             self.ef = "topk" if isinstance(stages[ef_at - 1], TopKStage) and self.quant else "all"
+        self.ef_after_quant = ef_at is not None and isinstance(stages[ef_at - 1], QuantStage)
         self.lossless = self.topk is None and self.quant is None and not self.delta
         self.needs_base = self.delta
         self.needs_state = self.ef is not None
@@ -330,7 +331,13 @@ class Pipeline:
             values = [flat[sec.start : sec.start + sec.n] for sec in sections]
         recon_vals = values
         if self.quant is not None:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x51])))
+            # ef directly after q compensates the quantiser: use deterministic rounding
+            # (contractive, see quant.py); otherwise unbiased stochastic rounding.
+            rng = (
+                None
+                if self.ef_after_quant
+                else np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x51])))
+            )
             scales: list[Flat] = []
             codes: list[npt.NDArray[np.uint8]] = []
             for v in values:
@@ -342,8 +349,7 @@ class Pipeline:
             parts.append(pack_codes(all_codes, self.quant.bits))
             if self.ef == "all":
                 recon_vals = [
-                    dequantize(s, c, self.quant.bits, self.quant.block)
-                    for s, c in zip(scales, codes, strict=True)
+                    dequantize(s, c, self.quant.bits, self.quant.block) for s, c in zip(scales, codes, strict=True)
                 ]
         else:
             parts.append(raw_encode(values))

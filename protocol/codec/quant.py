@@ -1,22 +1,32 @@
-"""``q:<bits>[:block=<n>]`` stage (``sign`` = ``q:1``): stochastic uniform quantisation.
+"""``q:<bits>[:block=<n>]`` stage (``sign`` = ``q:1``): uniform quantisation, stochastic by default.
 
-Each block (the whole value vector of a tensor / top-k section, or consecutive runs
-of ``block`` values) gets one float32 scale ``s = max|x|`` over the block. Values are
-mapped onto the ``L = 2**bits`` evenly spaced levels ``-s, -s + step, ..., +s`` with
-``step = 2*s / (L - 1)`` and rounded *stochastically* to one of the two neighbouring
-levels with probabilities that make the result unbiased: ``E[x_hat] = x``
-(QSGD / TernGrad-style dithering, deterministic given the seed). ``bits = 1`` is
-therefore "sign with scale": ``x_hat = +-s`` with ``P(+s) = (1 + x/s) / 2``.
+Values are split into blocks (the whole value vector of a tensor / top-k section,
+or consecutive runs of ``block`` values); each block stores one float32 scale ``s``.
 
-Error bound per element, with ``s`` its block's scale:
-``|x_hat - x| <= step * (1 + 2**-10) = 2*s/(2**bits - 1) * (1 + 2**-10)``
-(the ``2**-10`` slack covers float32 arithmetic), i.e. ``2s/255`` for ``q:8``,
-``2s/15`` for ``q:4``, ``2s/3`` for ``q:2``, ``2s`` for ``q:1``. Variance per element
-is ``<= step**2 / 4``. An all-zero block has ``s = 0`` and is reconstructed exactly.
+Grid. ``bits >= 2``: the ``2*L + 1`` symmetric levels ``{-L..L} * s/L`` with
+``L = 2**(bits-1) - 1`` (255 levels for q:8, 15 for q:4, ternary ``{-s, 0, s}`` for
+q:2); zero is a level, so exact zeros stay zero. ``bits = 1``: the two levels
+``{-s, +s}`` ("sign with scale"). Code ``c`` is stored as ``c + L`` (resp. 0/1).
+
+Stochastic mode (default, ``s = max|x|`` over the block): each value is rounded to
+one of its two neighbouring levels with the probabilities that make it unbiased,
+``E[x_hat] = x`` (QSGD / TernGrad-style dithering; deterministic given the seed).
+Error bound per element: ``|x_hat - x| <= step * (1 + 2**-10)`` with ``step = s/L``
+(``s/127`` for q:8, ``s/7`` for q:4, ``s`` for q:2) and ``step = 2s`` for q:1; the
+variance is ``<= step**2 / 4``.
+
+Deterministic mode (used when ``ef`` directly follows ``q``, because error feedback
+needs a *contractive* compressor, ``|C(x) - x| < |x|``, and unbiased low-bit rounding
+is not one): ``bits >= 2`` rounds to the nearest level (``s = max|x|``), so
+``|x_hat - x| <= min(|x|, step/2) * (1 + 2**-10)``; ``bits = 1`` sends
+``sign(x) * mean|x|`` of the block (EF-SignSGD, Karimireddy et al. 2019), so
+``|x_hat - x| <= |x| + s`` with ``s = mean|x|``. The bias is what ``ef`` removes.
+
+An all-zero block has ``s = 0`` and is reconstructed exactly in both modes.
 
 Wire: scales as little-endian float32 (all sections' scales first), then the codes
 of all sections concatenated and bit-packed LSB-first (``bits`` in {1, 2, 4, 8});
-padding bits of the last byte must be zero.
+padding bits of the last byte must be zero; the unused top code is rejected.
 """
 
 from __future__ import annotations
@@ -31,7 +41,9 @@ __all__ = [
     "block_count",
     "dequantize",
     "error_bound",
+    "half_levels",
     "pack_codes",
+    "packed_size",
     "quantize",
     "unpack_codes",
 ]
@@ -40,6 +52,12 @@ SUPPORTED_BITS = (1, 2, 4, 8)
 
 Flat = npt.NDArray[np.float32]
 Codes = npt.NDArray[np.uint8]
+_SLACK = 1 + 2.0**-10
+
+
+def half_levels(bits: int) -> int:
+    """``L``: number of positive levels (1 for the sign quantiser)."""
+    return 1 if bits == 1 else (1 << (bits - 1)) - 1
 
 
 def block_count(n: int, block: int | None) -> int:
@@ -49,42 +67,58 @@ def block_count(n: int, block: int | None) -> int:
     return 1 if block is None else -(-n // block)
 
 
-def _blocked(values: Flat, block: int | None) -> tuple[npt.NDArray[np.float32], int]:
+def _blocked(values: Flat, block: int | None) -> npt.NDArray[np.float32]:
     n = values.size
     b = n if block is None else block
     nb = block_count(n, block)
     padded = np.zeros(nb * b, dtype=np.float32)
     padded[:n] = values
-    return padded.reshape(nb, b), b
+    return padded.reshape(nb, b)
 
 
-def quantize(values: Flat, bits: int, block: int | None, rng: np.random.Generator) -> tuple[Flat, Codes]:
-    """Return ``(scales, codes)`` for a finite float32 vector; codes in ``[0, 2**bits)``."""
+def _per_element(scales: npt.NDArray[np.float32], n: int, block: int | None) -> npt.NDArray[np.float64]:
+    return np.repeat(scales.astype(np.float64), n if block is None else block)[:n]
+
+
+def quantize(values: Flat, bits: int, block: int | None, rng: np.random.Generator | None) -> tuple[Flat, Codes]:
+    """Return ``(scales, codes)`` for a finite float32 vector.
+
+    ``rng`` given: unbiased stochastic rounding. ``rng=None``: deterministic
+    (nearest level; mean-magnitude sign for 1 bit), see the module docstring.
+    """
     n = values.size
     if n == 0:
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.uint8)
-    levels = (1 << bits) - 1
-    mat, _ = _blocked(values, block)
+    mat = _blocked(values, block)
+    if bits == 1 and rng is None:
+        counts = np.full(mat.shape[0], mat.shape[1], dtype=np.float64)
+        counts[-1] = n - (mat.shape[0] - 1) * mat.shape[1]  # padding is not part of the mean
+        scales = (np.sum(np.abs(mat), axis=1, dtype=np.float64) / counts).astype(np.float32)
+        return scales, (values >= 0).astype(np.uint8)
     scales = np.max(np.abs(mat), axis=1)
-    step = scales * np.float32(2.0 / levels)
-    inv = np.divide(
-        np.float32(1.0), step, out=np.zeros_like(step), where=step > 0
-    )  # zero blocks -> every u = 0 -> code 0, decoded back to exactly 0
-    u = (mat + scales[:, None]) * inv[:, None]
-    u = u.reshape(-1)[:n]
-    u += rng.random(n, dtype=np.float32)
-    np.floor(u, out=u)
-    np.clip(u, 0, levels, out=u)
-    zero = np.repeat(step == 0, mat.shape[1])[:n]
-    codes = u.astype(np.uint8)
-    # In a zero-scale block the decoder ignores the code; pin it to 0 so the
-    # payload stays canonical (a uniform 0 codes compresses best too).
-    codes[zero] = 0
+    big = half_levels(bits)
+    inv = np.divide(np.float32(big), scales, out=np.zeros_like(scales), where=scales > 0)
+    u = (mat * inv[:, None]).reshape(-1)[:n]  # in [-L, L]; 0 in zero-scale blocks
+    if bits == 1:
+        u = (u + np.float32(1)) * np.float32(0.5)  # in [0, 1]
+        lo, hi = 0, 1
+    else:
+        lo, hi = -big, big
+    if rng is None:
+        np.rint(u, out=u)
+    else:
+        u += rng.random(n, dtype=np.float32)
+        np.floor(u, out=u)
+    np.clip(u, lo, hi, out=u)
+    codes = (u.astype(np.int16) - lo).astype(np.uint8)
+    if bits == 1:
+        # A zero-scale block decodes to 0 whatever the code; pin it for canonical bytes.
+        codes[_per_element(scales, n, block) == 0] = 0
     return scales.astype(np.float32), codes
 
 
 def dequantize(scales: Flat, codes: Codes, bits: int, block: int | None) -> Flat:
-    """Inverse map ``code * step - s``; validates the scales."""
+    """Map codes back to values; validates scales and codes."""
     n = codes.size
     if scales.size != block_count(n, block):
         raise CodecError("bad_count", f"{scales.size} scales for {n} values")
@@ -92,20 +126,30 @@ def dequantize(scales: Flat, codes: Codes, bits: int, block: int | None) -> Flat
         return np.zeros(0, dtype=np.float32)
     if not bool(np.all(np.isfinite(scales))) or bool(np.any(scales < 0)):
         raise CodecError("bad_scale", "quantisation scale negative or non-finite")
-    levels = (1 << bits) - 1
-    if int(codes.max()) > levels:
-        raise CodecError("corrupt", f"code > {levels}")
-    b = n if block is None else block
-    s = np.repeat(scales.astype(np.float64), b)[:n]
-    out = codes.astype(np.float64) * (s * (2.0 / levels)) - s
+    big = half_levels(bits)
+    s = _per_element(scales, n, block)
+    if bits == 1:
+        out = (codes.astype(np.float64) * 2.0 - 1.0) * s
+    else:
+        if int(codes.max()) > 2 * big:
+            raise CodecError("corrupt", f"quantisation code > {2 * big}")
+        out = (codes.astype(np.float64) - big) * (s / big)
     return out.astype(np.float32)
 
 
-def error_bound(scales: Flat, n: int, bits: int, block: int | None) -> Flat:
-    """Per-element bound ``step * (1 + 2**-10)`` broadcast to ``n`` elements (for tests)."""
-    b = n if block is None else block
-    s = np.repeat(scales.astype(np.float64), b)[:n]
-    return (s * (2.0 / ((1 << bits) - 1)) * (1 + 2.0**-10)).astype(np.float32)
+def error_bound(
+    values: Flat, scales: Flat, bits: int, block: int | None, *, deterministic: bool = False
+) -> npt.NDArray[np.float64]:
+    """Per-element bound on ``|dequantize(quantize(values)) - values|`` (the docstring's)."""
+    n = values.size
+    s = _per_element(scales, n, block)
+    x = np.abs(values.astype(np.float64))
+    if bits == 1:
+        return (x + s) * _SLACK if deterministic else 2 * s * _SLACK
+    step = s / half_levels(bits)
+    if deterministic:
+        return np.minimum(x, step / 2) * _SLACK + 1e-45
+    return step * _SLACK
 
 
 def pack_codes(codes: Codes, bits: int) -> bytes:
@@ -123,6 +167,7 @@ def pack_codes(codes: Codes, bits: int) -> bytes:
 
 
 def packed_size(count: int, bits: int) -> int:
+    """Bytes taken by ``count`` packed codes."""
     return -(-count * bits // 8)
 
 

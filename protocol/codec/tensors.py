@@ -97,9 +97,7 @@ def base_flats(
             raise CodecError("missing_base", f"{what} has no tensor {s.name!r}")
         b = base[s.name]
         if tuple(np.shape(b)) != tuple(s.shape):
-            raise CodecError(
-                "shape_mismatch", f"{what} {s.name!r} has shape {np.shape(b)}, expected {s.shape}"
-            )
+            raise CodecError("shape_mismatch", f"{what} {s.name!r} has shape {np.shape(b)}, expected {s.shape}")
         out.append(flat_f32(s.name, b))
     return out
 

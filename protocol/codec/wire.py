@@ -81,9 +81,7 @@ class Reader:
 
     def take(self, n: int, what: str = "data") -> memoryview:
         if n < 0 or n > self.remaining:
-            raise CodecError(
-                "truncated", f"need {n} bytes of {what} at offset {self.pos}, {self.remaining} left"
-            )
+            raise CodecError("truncated", f"need {n} bytes of {what} at offset {self.pos}, {self.remaining} left")
         out = self._mv[self.pos : self.pos + n]
         self.pos += n
         return out

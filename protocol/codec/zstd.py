@@ -42,9 +42,7 @@ def zstd_decompress(payload: bytes | memoryview, max_output: int) -> bytes:
     if size > max_output:
         raise CodecError("decompression_bomb", f"zstd frame declares {size} bytes, limit is {max_output}")
     try:
-        out = zstandard.ZstdDecompressor().decompress(
-            data, max_output_size=max_output, allow_extra_data=False
-        )
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_output, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         msg = str(exc)
         if "unused data" in msg:
