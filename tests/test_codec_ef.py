@@ -18,8 +18,7 @@ def _updates(seed: int) -> list[dict[str, np.ndarray]]:
     # a persistent drift plus noise, like successive local-training deltas
     drift = {k: rng.standard_normal(s).astype(np.float32) * 0.3 for k, s in SHAPES.items()}
     return [
-        {k: (drift[k] + rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-        for _ in range(N_STEPS)
+        {k: (drift[k] + rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()} for _ in range(N_STEPS)
     ]
 
 

@@ -51,7 +51,8 @@ def _block_scales(x: np.ndarray, block: int | None) -> np.ndarray:
     nb = -(-x.size // b)
     pad = np.zeros(nb * b, np.float32)
     pad[: x.size] = np.abs(x)
-    return pad.reshape(nb, b).max(axis=1)
+    out: np.ndarray = pad.reshape(nb, b).max(axis=1)
+    return out
 
 
 # --------------------------------------------------------------------- lossless
