@@ -181,3 +181,76 @@ def decode_update(
         if norm > max_update_norm:
             raise FrameError(f"update norm {norm:.3g} exceeds plausible bound {max_update_norm:.3g}", reason="norm_too_large")
     return DecodedUpdate(header, tensors)
+
+
+# -- model frames (downlink) ---------------------------------------------------------------------
+# A global model travels in the same envelope, from ``agent_id="coordinator"``: whole
+# (codec ``raw|zstd``) or as a bitwise-exact XOR delta against the version the agent runs
+# (codec ``xor|zstd``). The receiver checks the manifest's tensor hash and refuses a mismatch.
+DOWNLINK_FULL = "raw|zstd"
+DOWNLINK_DELTA = "xor|zstd"
+
+
+def encode_model(
+    tensors: Mapping[str, np.ndarray], *, version: str, round_id: int = 0, base: Mapping[str, np.ndarray] | None = None,
+    base_version: str | None = None,
+) -> bytes:
+    from protocol.codec import downlink_encode
+
+    arrays: Tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    if base is not None:
+        if base_version is None:
+            raise ValueError("a delta model frame needs base_version")
+        payload = downlink_encode(arrays, {k: np.asarray(v, dtype=np.float32) for k, v in base.items()})
+        codec, kind, against = DOWNLINK_DELTA, "delta", base_version
+    else:
+        payload = parse_codec(DOWNLINK_FULL).encode(arrays)
+        codec, kind, against = DOWNLINK_FULL, "full", version
+    header = FrameHeader(
+        update_id=f"model-{version}",
+        agent_id="coordinator",
+        round_id=round_id,
+        kind=kind,  # type: ignore[arg-type]
+        base_version=against,
+        codec=codec,
+        tensors=[TensorInfo(name=k, shape=tuple(v.shape)) for k, v in arrays.items()],
+        sample_count=1,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_bytes=len(payload),
+        created_at=time.time(),
+    )
+    head = header.model_dump_json().encode("utf-8")
+    return _PREFIX.pack(FRAME_MAGIC, FRAME_FORMAT, len(head)) + head + payload
+
+
+def decode_model(
+    frame: bytes,
+    *,
+    expected: Sequence[TensorSpec],
+    expected_hash: str,
+    base: Mapping[str, np.ndarray] | None = None,
+) -> tuple[FrameHeader, Tensors]:
+    """Decode a model frame; the result must hash to ``expected_hash`` (the manifest's) bit for bit."""
+    from protocol.codec import downlink_decode
+    from protocol.tensors import tensor_hash
+
+    header, payload = read_header(frame)
+    if header.agent_id != "coordinator":
+        raise FrameError("model frame not from the coordinator", reason="bad_header")
+    if [(t.name, tuple(t.shape)) for t in header.tensors] != [(s.name, tuple(s.shape)) for s in expected]:
+        raise FrameError("model tensors do not match the manifest", reason="shape_mismatch")
+    try:
+        if header.codec == DOWNLINK_DELTA:
+            if base is None:
+                raise FrameError("delta model frame but no base model", reason="missing_base")
+            tensors = downlink_decode(payload, list(expected), {k: np.asarray(v, np.float32) for k, v in base.items()})
+        elif header.codec == DOWNLINK_FULL:
+            tensors = parse_codec(DOWNLINK_FULL).decode(payload, specs=list(expected))
+        else:
+            raise FrameError(f"unknown model codec {header.codec!r}", reason="unknown_codec")
+    except CodecError as exc:
+        raise FrameError(f"model payload does not decode: {exc}", reason=f"codec_{exc.reason}") from exc
+    got = tensor_hash(tensors)
+    if got != expected_hash:
+        raise FrameError(f"model tensor hash {got[:12]} != manifest {expected_hash[:12]}", reason="hash_mismatch")
+    return header, tensors

@@ -11,6 +11,7 @@ Tree, all under ``fedscan/v1/{fleet}/``::
     agents/{agent}/updates/{round}   QoS 1     update chunks                       agent -> coordinator
     agents/{agent}/models/request    QoS 1     ask for (missing chunks of) a model agent -> coordinator
     agents/{agent}/events            QoS 1     install results, refusals           agent -> coordinator
+    agents/{agent}/downloads         QoS 1     model chunks sent on request        coordinator -> agent
     models/{version}/manifest        retained  signed model manifest               coordinator -> all
     models/{version}/chunks          QoS 1     model artifact chunks               coordinator -> all
     coordinator/status               retained  online/offline (Last Will)          coordinator -> all
@@ -49,6 +50,7 @@ class Kind(StrEnum):
     UPDATES = "updates"
     MODEL_REQUEST = "models/request"
     EVENTS = "events"
+    DOWNLOADS = "downloads"
     MODEL_MANIFEST = "manifest"
     MODEL_CHUNKS = "chunks"
     COORDINATOR_STATUS = "coordinator/status"
@@ -112,6 +114,9 @@ class Topics:
 
     def events(self, agent: str) -> str:
         return self.agent(agent, Kind.EVENTS)
+
+    def downloads(self, agent: str) -> str:
+        return self.agent(agent, Kind.DOWNLOADS)
 
     # -- models and coordinator ------------------------------------------------------
     def model_manifest(self, version: str) -> str:

@@ -141,6 +141,7 @@ class MqttTransport:
         self._closing = False
         self._dispatch = _Dispatcher(client_id)
         self._sub_qos: dict[str, int] = {}
+        self._pending: list[mqtt.MQTTMessageInfo] = []
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -221,6 +222,20 @@ class MqttTransport:
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: paho keeps QoS>0 messages queued and sends them after reconnecting.
         self.traffic.sent(len(payload))
+        if qos > 0:
+            self._pending.append(info)
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker acknowledged every QoS>0 message published so far (upload pacing)."""
+        deadline = time.monotonic() + timeout
+        pending, self._pending = self._pending, []
+        for info in pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=left)
+        return all(i.is_published() for i in pending)
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
         self._dispatch.add(topic_filter, handler)

@@ -1,0 +1,100 @@
+"""Global model versions on disk: weights frame, manifest and strategy state per version.
+
+Layout: ``{root}/{version}/weights.fsuf`` (a ``raw|zstd`` model frame), ``manifest.json``,
+``strategy.npz``. A version folder is written under a temporary name and renamed into place,
+so a crash never leaves a half-written version; the state store's model row (written after)
+is the commit point.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from protocol.codec import Tensors, TensorSpec
+from protocol.frame import decode_model, encode_model
+from protocol.manifest import Manifest, parse_manifest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class ModelRepository:
+    def __init__(self, root: str | Path, *, cache_size: int = 4) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cache: OrderedDict[str, Tensors] = OrderedDict()
+        self._cache_size = cache_size
+
+    def path(self, version: str) -> Path:
+        return self.root / version
+
+    def has(self, version: str) -> bool:
+        return (self.path(version) / "manifest.json").exists()
+
+    def save(self, manifest: Manifest, tensors: Mapping[str, np.ndarray], strategy_state: Mapping[str, np.ndarray]
+             ) -> None:
+        final = self.path(manifest.version)
+        if final.exists():
+            if self.manifest(manifest.version).tensor_hash != manifest.tensor_hash:
+                raise FileExistsError(f"model {manifest.version} exists with different weights")
+            return
+        tmp = self.root / f".tmp-{manifest.version}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write(tmp / "weights.fsuf", encode_model(tensors, version=manifest.version, round_id=manifest.round_id or 0))
+        buf = io.BytesIO()
+        np.savez(buf, **dict(strategy_state))  # type: ignore[arg-type]
+        _write(tmp / "strategy.npz", buf.getvalue())
+        _write(tmp / "manifest.json", manifest.to_bytes())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+
+    def manifest(self, version: str) -> Manifest:
+        return parse_manifest((self.path(version) / "manifest.json").read_bytes())
+
+    def weights_frame(self, version: str) -> bytes:
+        return (self.path(version) / "weights.fsuf").read_bytes()
+
+    def tensors(self, version: str) -> Tensors:
+        if version in self._cache:
+            self._cache.move_to_end(version)
+            return self._cache[version]
+        m = self.manifest(version)
+        specs = [TensorSpec(t.name, tuple(t.shape)) for t in m.tensors]
+        _, tensors = decode_model(self.weights_frame(version), expected=specs, expected_hash=m.tensor_hash)
+        self._cache[version] = tensors
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def strategy_state(self, version: str) -> dict[str, np.ndarray]:
+        p = self.path(version) / "strategy.npz"
+        if not p.exists():
+            return {}
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
+
+    def remove_partial(self) -> None:
+        """Clear temp folders left by a crash during ``save``."""
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,439 @@
+"""The coordinator's round manager: announce → collect → aggregate → evaluate → publish.
+
+Every step is written to the state store before it is taken, so a coordinator killed at any
+point resumes the round it was in: accepted updates live in the blob store + ``updates`` table
+and are never lost or counted twice ((round, agent) and update id are unique); a round found
+``aggregating`` is aggregated again from the same accepted updates, deterministically (results
+sorted by agent id, strategy state restored from the base version).
+
+Handlers run on the transport's dispatcher thread and only validate, persist and acknowledge;
+the round loop runs on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from coordinator.model_repo import ModelRepository
+from coordinator.store import BlobStore, DuplicateError, Store
+from coordinator.strategies import ClientResult, Strategy
+from protocol.chunks import Reassembler, parse_chunk, split
+from protocol.codec import Tensors, TensorSpec
+from protocol.errors import FrameError, MalformedMessage, ProtocolError, UnknownTopic
+from protocol.frame import decode_update, encode_model
+from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry
+from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
+from protocol.tensors import tensor_hash
+from protocol.topics import Kind, Topics
+from protocol.transport import Transport
+
+log = logging.getLogger("fedscan.coordinator")
+
+Evaluator = Callable[[Tensors], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    rounds: int = 3
+    min_clients: int = 2
+    deadline_s: float = 300.0
+    reannounce_s: float = 10.0
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    codec: str = "raw"
+    chunk_bytes: int = 256 * 1024
+    window: int = 8
+    max_update_norm: float | None = 1e4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every global model of this federation is (from the firmware profile)."""
+
+    architecture: str
+    kwargs: dict[str, Any]
+    classes: list[str]
+    input: InputSpec
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
+
+
+def version_name(round_id: int) -> str:
+    return f"v{round_id}"
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        blobs: BlobStore,
+        repo: ModelRepository,
+        transport: Transport,
+        topics: Topics,
+        strategy: Strategy,
+        settings: RoundSettings,
+        model_spec: ModelSpec,
+        initial_tensors: Callable[[], Tensors],
+        evaluator: Evaluator | None = None,
+        on_round: Callable[[int, str, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.store, self.blobs, self.repo = store, blobs, repo
+        self.transport, self.topics = transport, topics
+        self.strategy, self.settings, self.spec = strategy, settings, model_spec
+        self.initial_tensors, self.evaluator, self.on_round = initial_tensors, evaluator, on_round
+        self._lock = threading.Condition()
+        self._current: int | None = None  # round being collected
+        self._base_version: str | None = None
+        self._base: Tensors | None = None
+        self._specs: list[TensorSpec] = []
+        self._reassembler = Reassembler()
+        self._accepted: dict[str, Tensors] = {}
+        self._model_frames: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
+        self.counters: dict[str, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.repo.remove_partial()
+        t = self.topics
+        self.transport.subscribe(t.all_agents(Kind.UPDATES), self._on_update)
+        self.transport.subscribe(t.all_agents(Kind.MODEL_REQUEST), self._on_model_request)
+        self.transport.subscribe(t.all_agents(Kind.STATUS), self._on_status)
+        self.transport.subscribe(t.all_agents(Kind.SHADOW_REPORTED), self._on_reported)
+        self.transport.subscribe(t.all_agents(Kind.EVENTS), self._on_event)
+        self._ensure_initial_model()
+        self.transport.publish(t.coordinator_status(), Status(state="online", role="coordinator").to_bytes(), retain=True)
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _reject(self, kind: str, agent: str | None, round_id: int | None, err: ProtocolError) -> None:
+        self._count(f"{kind}:{err.reason}")
+        log.warning("rejected %s from %s (round %s): %s", kind, agent, round_id, err)
+        self.store.record_event(f"{kind}_rejected", agent_id=agent, round_id=round_id, reason=err.reason,
+                                detail={"message": str(err)[:500]})
+
+    def _manifest_for(self, version: str, parent: str | None, round_id: int | None, tensors: Tensors,
+                      metrics: Mapping[str, float], participants: list[str]) -> Manifest:
+        return Manifest(
+            version=version, parent=parent, round_id=round_id,
+            architecture=Architecture(name=self.spec.architecture, kwargs=self.spec.kwargs),
+            classes=self.spec.classes, input=self.spec.input, preprocessing=self.spec.preprocessing,
+            metrics={k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)},
+            participants=participants,
+            tensors=[TensorEntry(name=k, shape=tuple(v.shape)) for k, v in tensors.items()],
+            tensor_hash=tensor_hash(tensors),
+        )
+
+    def _ensure_initial_model(self) -> None:
+        if self.store.latest_model() is not None:
+            return
+        tensors = self.initial_tensors()
+        metrics = self.evaluator(tensors) if self.evaluator else {}
+        m = self._manifest_for(version_name(0), None, None, tensors, metrics, [])
+        self.repo.save(m, tensors, self.strategy.state_dict())
+        with contextlib.suppress(DuplicateError):
+            self.store.add_model(version=m.version, parent=None, round_id=None, manifest=m.model_dump(mode="json"),
+                                 participants=[], state="active")
+        self._publish_model(m.version)
+
+    def _publish_model(self, version: str) -> None:
+        manifest = self.repo.manifest(version)
+        self.transport.publish(self.topics.model_manifest(version), manifest.to_bytes(), retain=True)
+        desired = Shadow(version=version).to_bytes()
+        for agent in self.store.list_agents():
+            self.store.set_desired_version(agent.agent_id, version)
+            self.transport.publish(self.topics.shadow_desired(agent.agent_id), desired, retain=True)
+
+    # -- round loop ----------------------------------------------------------------------------------
+    def completed_rounds(self) -> int:
+        n = 0
+        rid = 1
+        latest = self.store.latest_round()
+        while latest is not None and rid <= latest.round_id:
+            r = self.store.get_round(rid)
+            n += 1 if r is not None and r.status == "complete" else 0
+            rid += 1
+        return n
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        latest = self.store.latest_round()
+        if latest is not None and latest.status in ("collecting", "aggregating"):
+            log.info("resuming round %d (%s)", latest.round_id, latest.status)
+            self._run_round(latest.round_id, stop, resume=True)
+        while not stop.is_set() and self.completed_rounds() < self.settings.rounds:
+            latest = self.store.latest_round()
+            self._run_round((latest.round_id + 1) if latest else 1, stop, resume=False)
+
+    def _run_round(self, round_id: int, stop: threading.Event, *, resume: bool) -> None:
+        if resume:
+            rec = self.store.get_round(round_id)
+            assert rec is not None
+            base_version, deadline = rec.base_version, rec.deadline
+            if rec.status == "aggregating":
+                self._load_base(base_version)
+                self._aggregate(round_id)
+                return
+        else:
+            latest_model = self.store.latest_model()
+            assert latest_model is not None
+            base_version = latest_model.version
+            deadline = time.time() + self.settings.deadline_s
+            self.store.create_round(round_id, base_version=base_version, config=self._task_training(round_id)
+                                    .model_dump(), deadline=deadline)
+            self.store.set_round_status(round_id, "collecting")
+        self._load_base(base_version)
+        with self._lock:
+            self._current = round_id
+            self._accepted = {}
+        log.info("round %d: collecting from base %s (min %d clients, deadline in %.0fs)", round_id, base_version,
+                 self.settings.min_clients, deadline - time.time())
+        last_announce = 0.0
+        while not stop.is_set():
+            with self._lock:
+                have = len(self.store.list_updates(round_id))
+                if have >= self.settings.min_clients:
+                    break
+                if time.time() >= deadline:
+                    break
+            if time.monotonic() - last_announce >= self.settings.reannounce_s:
+                self._announce(round_id, base_version, deadline)
+                last_announce = time.monotonic()
+            with self._lock:
+                self._lock.wait(timeout=0.5)
+        with self._lock:
+            self._current = None
+        if stop.is_set():
+            return
+        updates = self.store.list_updates(round_id)
+        if not updates:
+            log.warning("round %d: deadline passed with no updates; round failed", round_id)
+            self.store.set_round_status(round_id, "failed", detail={"reason": "no_updates_before_deadline"})
+            return
+        if len(updates) < self.settings.min_clients:
+            log.warning("round %d: deadline passed with %d/%d updates; aggregating what arrived", round_id,
+                        len(updates), self.settings.min_clients)
+        self._aggregate(round_id)
+
+    def _task_training(self, round_id: int) -> TrainingConfig:
+        overrides = self.strategy.configure_round(round_id)
+        cfg = self.settings.training.model_copy(update={"seed": self.settings.seed * 100_003 + round_id, **overrides})
+        return TrainingConfig.model_validate(cfg.model_dump())
+
+    def _announce(self, round_id: int, base_version: str, deadline: float) -> None:
+        task = Task(
+            round_id=round_id, base_version=base_version, deadline=deadline, training=self._task_training(round_id),
+            codec=self.settings.codec, chunk_bytes=self.settings.chunk_bytes, window=self.settings.window,
+        ).to_bytes()
+        for agent in self.store.list_agents():
+            if not self.store.has_update(round_id, agent.agent_id):
+                self.transport.publish(self.topics.tasks(agent.agent_id), task)
+
+    def _load_base(self, version: str) -> None:
+        self._base_version = version
+        self._base = self.repo.tensors(version)
+        self._specs = [TensorSpec(k, tuple(v.shape)) for k, v in self._base.items()]
+        self.strategy.load_state_dict(self.repo.strategy_state(version))
+
+    def _aggregate(self, round_id: int) -> None:
+        self.store.set_round_status(round_id, "aggregating")
+        assert self._base is not None and self._base_version is not None
+        updates = sorted(self.store.list_updates(round_id), key=lambda u: u.agent_id)
+        results = []
+        for u in updates:
+            tensors = self._accepted.get(u.agent_id)
+            if tensors is None:
+                tensors = decode_update(self.blobs.get(u.blob_sha256), expected=self._specs, base=self._base).tensors
+            results.append(ClientResult(u.agent_id, tensors, u.sample_count, u.metrics, u.staleness))
+        new, report = self.strategy.aggregate(round_id, self._base, results)
+        metrics = self.evaluator(new) if self.evaluator else {}
+        version = version_name(round_id)
+        participants = [r.agent_id for r in results]
+        manifest = self._manifest_for(version, self._base_version, round_id, new, metrics, participants)
+        self.repo.save(manifest, new, self.strategy.state_dict())
+        try:
+            self.store.add_model(version=version, parent=self._base_version, round_id=round_id,
+                                 manifest=manifest.model_dump(mode="json"), participants=participants, state="active")
+        except DuplicateError:
+            log.info("round %d: model %s was already recorded before a restart", round_id, version)
+        self.store.set_round_status(round_id, "complete", result_version=version,
+                                    detail={"metrics": manifest.metrics, "aggregation": _jsonable(report.details)})
+        self._publish_model(version)
+        log.info("round %d complete: %s from %s, %s", round_id, version, participants,
+                 {k: round(v, 4) for k, v in manifest.metrics.items()})
+        if self.on_round is not None:
+            self.on_round(round_id, version, dict(manifest.metrics))
+
+    # -- handlers (dispatcher thread) ----------------------------------------------------------------
+    def _parse(self, topic: str, kind: str) -> tuple[str, int | None] | None:
+        try:
+            parsed = self.topics.parse(topic)
+        except UnknownTopic as exc:
+            self._reject(kind, None, None, exc)
+            return None
+        assert parsed.agent is not None
+        return parsed.agent, parsed.round_id
+
+    def _enrolled(self, agent: str, kind: str, round_id: int | None = None) -> bool:
+        if self.store.get_agent(agent) is None:
+            from protocol.errors import NotEnrolled
+
+            self._reject(kind, agent, round_id, NotEnrolled(f"agent {agent!r} is not enrolled"))
+            return False
+        return True
+
+    def _ack(self, agent: str, ack: Ack) -> None:
+        self.transport.publish(self.topics.acks(agent), ack.to_bytes())
+
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, "update")
+        if parsed is None:
+            return
+        agent, round_id = parsed
+        assert round_id is not None
+        if not self._enrolled(agent, "update", round_id):
+            self._ack(agent, Ack(update_id="?", round_id=round_id, status="rejected", reason="not_enrolled"))
+            return
+        try:
+            chunk = parse_chunk(payload)
+        except FrameError as exc:
+            self._reject("update", agent, round_id, exc)
+            return
+        update_id = chunk.header.transfer_id
+        with self._lock:
+            if self._current != round_id:
+                if self.store.has_update(round_id, agent):
+                    self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="duplicate"))
+                else:
+                    self._reject("update", agent, round_id, FrameError(f"round {round_id} is not open", reason="round_closed"))
+                    self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="rejected", reason="round_closed"))
+                return
+            if self.store.has_update(round_id, agent):
+                self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="duplicate"))
+                return
+            try:
+                r = self._reassembler.add(chunk)
+                if not r.complete:
+                    if chunk.header.index == chunk.header.count - 1:
+                        self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="incomplete",
+                                             missing=r.missing[:1000]))
+                    return
+                frame = r.blob()
+                self._reassembler.discard(update_id)
+                decoded = decode_update(frame, expected=self._specs, base=self._base,
+                                        max_update_norm=self.settings.max_update_norm)
+                h = decoded.header
+                if h.agent_id != agent or h.round_id != round_id:
+                    raise FrameError(f"frame says agent {h.agent_id} round {h.round_id}, topic says {agent} {round_id}",
+                                     reason="topic_mismatch")
+                if h.base_version != self._base_version:
+                    raise FrameError(f"update trained from {h.base_version}, round base is {self._base_version}",
+                                     reason="stale_base")
+            except FrameError as exc:
+                self._reassembler.discard(update_id)
+                self._reject("update", agent, round_id, exc)
+                self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="rejected", reason=exc.reason,
+                                     detail=str(exc)[:300]))
+                return
+            sha = self.blobs.put(frame)
+            try:
+                self.store.add_update(round_id=round_id, agent_id=agent, update_id=h.update_id,
+                                      sample_count=h.sample_count, metrics=dict(h.metrics), blob_sha256=sha,
+                                      nbytes=len(frame))
+            except DuplicateError:
+                self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="duplicate"))
+                return
+            self._accepted[agent] = decoded.tensors
+            self._count("update:accepted")
+            log.info("round %d: accepted update from %s (%d samples, %d bytes)", round_id, agent, h.sample_count,
+                     len(frame))
+            self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="accepted"))
+            self._lock.notify_all()
+
+    def _on_model_request(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, "model_request")
+        if parsed is None:
+            return
+        agent, _ = parsed
+        if not self._enrolled(agent, "model_request"):
+            return
+        try:
+            req = parse_message(ModelRequest, payload)
+        except MalformedMessage as exc:
+            self._reject("model_request", agent, None, exc)
+            return
+        if not self.repo.has(req.version):
+            self._reject("model_request", agent, None, UnknownTopic(f"no model {req.version}", reason="unknown_version"))
+            return
+        have = req.have if req.have and req.have != req.version and self.repo.has(req.have) else None
+        key = (req.version, have)
+        frame = self._model_frames.get(key)
+        if frame is None:
+            base = self.repo.tensors(have) if have else None
+            frame = encode_model(self.repo.tensors(req.version), version=req.version, base=base, base_version=have)
+            self._model_frames[key] = frame
+            while len(self._model_frames) > 16:
+                self._model_frames.popitem(last=False)
+        transfer = f"model-{req.version}-from-{have or 'none'}"
+        chunks = split(frame, transfer, self.settings.chunk_bytes)
+        wanted = set(req.missing) if req.missing is not None and req.transfer_id == transfer else None
+        for i, c in enumerate(chunks):
+            if wanted is None or i in wanted:
+                self.transport.publish(self.topics.downloads(agent), c)
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, "status")
+        if parsed is None or not payload:
+            return
+        agent, _ = parsed
+        try:
+            st = parse_message(Status, payload)
+        except MalformedMessage as exc:
+            self._reject("status", agent, None, exc)
+            return
+        if self.store.get_agent(agent) is not None:
+            self.store.mark_seen(agent, online=st.state == "online", at=time.time())
+
+    def _on_reported(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, "shadow")
+        if parsed is None or not payload:
+            return
+        agent, _ = parsed
+        if not self._enrolled(agent, "shadow"):
+            return
+        try:
+            sh = parse_message(Shadow, payload)
+        except MalformedMessage as exc:
+            self._reject("shadow", agent, None, exc)
+            return
+        self.store.set_reported_version(agent, sh.version)
+        self.store.mark_seen(agent, at=time.time())
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, "event")
+        if parsed is None:
+            return
+        agent, _ = parsed
+        if self._enrolled(agent, "event"):
+            self.store.record_event("agent_event", agent_id=agent, detail={"raw": payload[:2000].decode("utf-8", "replace")})
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
