@@ -55,14 +55,15 @@ def dirichlet_label_skew(
     seed: int = 0,
     *,
     min_size: int = 1,
-    max_tries: int = 1000,
+    max_tries: int = 100,
 ) -> list[np.ndarray]:
     """Label skew (Hsu et al. 2019): for each class, its samples go to sites in Dirichlet(alpha) shares.
 
     Draws are repeated (from the same seeded generator) until every site holds at least
     ``min_size`` samples; a site already above ``n / k`` gets no further share of a class
-    (the usual balancing step, NIID-Bench), which keeps retries rare. Raises ``ValueError``
-    after ``max_tries`` draws.
+    (the usual balancing step, NIID-Bench), which keeps retries rare. If ``max_tries`` draws all
+    leave a site short, the last draw is repaired by moving samples from the largest site to the
+    short ones. ``ValueError`` only when ``n < k * min_size``.
     """
     y = np.asarray(labels)
     if y.ndim != 1:
@@ -74,7 +75,8 @@ def dirichlet_label_skew(
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
     by_class = [np.flatnonzero(y == c) for c in classes]
-    for _ in range(max_tries):
+    sites: list[np.ndarray] = []
+    for _ in range(max(1, max_tries)):
         parts: list[list[np.ndarray]] = [[] for _ in range(k)]
         counts = np.zeros(k, dtype=np.int64)
         for idx in by_class:
@@ -87,12 +89,20 @@ def dirichlet_label_skew(
             for site, chunk in enumerate(np.split(idx, cuts)):
                 parts[site].append(chunk)
                 counts[site] += len(chunk)
+        sites = [np.concatenate(p) for p in parts]
         if counts.min() >= min_size:
-            return _finish([np.concatenate(p) for p in parts])
-    raise ValueError(
-        f"no label-skew split with >= {min_size} samples per site after {max_tries} draws "
-        f"(n={n}, k={k}, alpha={alpha}); lower min_size or raise alpha"
-    )
+            return _finish(sites)
+    # Still short after max_tries (few samples, tiny alpha): top the short sites up with samples
+    # taken from the largest site, one at a time. Deterministic, and feasible since n >= k*min_size.
+    sites = [rng.permutation(s) for s in sites]
+    while True:
+        sizes = np.array([len(s) for s in sites])
+        short = int(np.argmin(sizes))
+        if sizes[short] >= min_size:
+            return _finish(sites)
+        donor = int(np.argmax(sizes))
+        sites[short] = np.append(sites[short], sites[donor][-1])
+        sites[donor] = sites[donor][:-1]
 
 
 def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int | None = None) -> np.ndarray:
