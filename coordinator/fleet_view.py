@@ -16,6 +16,7 @@ are counted and logged by topic and reason only, never by content.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -46,6 +47,16 @@ class HistoryPoint:
     disk: float | None
     gpu_util: float | None
     gpu_temp: float | None
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def _max(values: Iterable[Any]) -> float | None:
@@ -114,7 +125,10 @@ class FleetView:
                     self.counts["refused"] += 1
                 return
             if parsed.kind is Kind.TELEMETRY:
-                self._on_telemetry(agent, parse_message(Telemetry, payload))
+                msg = parse_message(Telemetry, payload)
+                if not _all_finite(msg.model_dump()):
+                    raise MalformedMessage("Telemetry: non-finite number")
+                self._on_telemetry(agent, msg)
             elif parsed.kind is Kind.STATUS:
                 if not payload:  # retained status cleared
                     return
