@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.errors import BadArtifact, EngineUnavailable, ExportError
+from export.errors import BadArtifact, EngineUnavailable, ExportError, describe
 from export.onnx_export import cpu_session, float_copy
 from export.tensorrt_build import build_engine, cuda_gpu_name, import_tensorrt
 
@@ -285,13 +285,6 @@ def smoke_test(engine: InferenceEngine, input_shape: tuple[int, int, int]) -> No
         raise ExportError(f"smoke inference gave shape {out.shape} / non-finite values", reason="smoke_failed")
 
 
-def _reason(exc: Exception) -> str:
-    msg = str(exc.args[0]) if exc.args else type(exc).__name__
-    if isinstance(exc, ExportError) and not msg.startswith("unavailable"):
-        return f"{exc.reason}: {msg}"
-    return msg if isinstance(exc, ExportError) else f"{type(exc).__name__}: {msg}"
-
-
 class NoEngine(ExportError):
     """No engine of the chain could run; ``attempts`` says why each was skipped."""
 
@@ -313,7 +306,7 @@ def select_engine(
             if artifacts.input_shape is not None:
                 smoke_test(engine, artifacts.input_shape)
         except (ExportError, OSError, RuntimeError, ValueError) as exc:
-            reason = _reason(exc)
+            reason = describe(exc)
             attempts.append(EngineAttempt(name, False, reason))
             log.info("engine %s skipped: %s", name, reason)
             continue

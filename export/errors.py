@@ -33,3 +33,11 @@ class EngineUnavailable(ExportError):
     """An engine or builder that cannot run on this machine; the message says why."""
 
     reason = "unavailable"
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs and attempt records: ``unavailable: ...`` or ``<reason>: <message>``."""
+    msg = str(exc.args[0]) if exc.args else type(exc).__name__
+    if isinstance(exc, ExportError):
+        return msg if msg.startswith(f"{exc.reason}:") else f"{exc.reason}: {msg}"
+    return f"{type(exc).__name__}: {msg}"

@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from export.engines import TensorRTEngine
-from export.errors import ExportError
+from export.errors import ExportError, describe
 from export.int8 import quantize_int8
 from export.onnx_export import MIN_OPSET, export_verified_onnx, float_copy, sha256_file, verify_onnx
 from export.tensorrt_build import build_engine
@@ -90,7 +90,7 @@ def export_model(
     except ExportError as exc:
         int8.unlink(missing_ok=True)
         log.warning("INT8 export left out: %s", exc)
-        report["skipped"].append({"kind": "onnx-int8", "reason": f"{exc.reason}: {exc.args[0]}"})
+        report["skipped"].append({"kind": "onnx-int8", "reason": describe(exc)})
 
     for target in targets:
         if target.device != "cuda":
@@ -116,7 +116,7 @@ def export_model(
         except ExportError as exc:
             log.warning("TensorRT engine for target %s left out: %s", target.name, exc)
             report["skipped"].append({"kind": "tensorrt", "target": target.name,
-                                      "reason": f"{exc.reason}: {exc.args[0]}"})
+                                      "reason": describe(exc)})
 
     report["artifacts"] = [a.model_dump(mode="json") for a in artifacts]
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
