@@ -186,6 +186,20 @@ def sgd_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimize
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def class_balanced_loss(labels: np.ndarray, num_classes: int) -> LossFn:
+    """Cross-entropy weighted ``n / (C · count_c)`` per class (sklearn's "balanced"); for label-skewed sites."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.ones(num_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    weight = torch.tensor(w, dtype=torch.float32)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=weight.to(logits.device))
+
+    return loss
+
+
 TrainData = ArrayDataset | TensorDataset | tuple[torch.Tensor, torch.Tensor]
 
 
