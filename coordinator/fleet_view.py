@@ -74,6 +74,8 @@ class AgentState:
     reported_version: str | None = None
     desired_version: str | None = None
     messages: int = 0
+    progress_key: tuple[Any, ...] | None = None  # (round, step, state) of the training section
+    progress_seen: float | None = None  # coordinator clock when progress_key last changed
     history: deque[HistoryPoint] = field(default_factory=lambda: deque(maxlen=360))
 
     @property
@@ -162,6 +164,9 @@ class FleetView:
             st = self._state(agent)
             st.telemetry, st.last_seen = msg, now
             st.messages += 1
+            key = tuple(msg.training.get(k) for k in ("round", "step", "state"))
+            if key != st.progress_key:
+                st.progress_key, st.progress_seen = key, now
             st.history.append(point)
             self.counts["telemetry"] += 1
 
@@ -206,7 +211,8 @@ class FleetView:
                 (
                     AgentState(
                         st.agent, st.status, st.status_at, st.last_seen, st.telemetry,
-                        st.reported_version, st.desired_version, st.messages, deque(),
+                        st.reported_version, st.desired_version, st.messages,
+                        st.progress_key, st.progress_seen, deque(),
                     ),
                     self._is_up(st, now),
                 )
@@ -288,7 +294,10 @@ class FleetCollector(Collector):
         tactive = gauge("fedscan_agent_training_active", "1 while a training job exists on the agent")
         tpaused = gauge("fedscan_agent_training_paused", "1 while training is paused (gates, diagnosis load)")
         tstep = gauge("fedscan_agent_training_step", "Steps done in the current training job")
-        tprog = gauge("fedscan_agent_training_last_progress_timestamp_seconds", "Agent time of the last training step")
+        tprog = gauge(
+            "fedscan_agent_training_last_progress_timestamp_seconds",
+            "Coordinator time when the agent's training round/step/state last changed",
+        )
         ireq = CounterMetricFamily("fedscan_agent_inference_requests", "Diagnosis requests handled", labels=["agent"])
         ip95 = gauge("fedscan_agent_inference_latency_p95_seconds", "p95 of recent diagnosis latencies")
         fleet = GaugeMetricFamily("fedscan_fleet_agents", "Agents known to the fleet view", labels=["state"])
@@ -325,10 +334,11 @@ class FleetCollector(Collector):
             if isinstance(state, str):
                 tactive.add_metric([a], 1.0 if state in TRAINING_ACTIVE_STATES else 0.0)
                 tpaused.add_metric([a], 1.0 if state == "paused" else 0.0)
-            for fam, key in ((tstep, "step"), (tprog, "progress_at")):
-                v = _num(t.training.get(key))
-                if v is not None:
-                    fam.add_metric([a], v)
+            v = _num(t.training.get("step"))
+            if v is not None:
+                tstep.add_metric([a], v)
+            if isinstance(state, str) and st.progress_seen is not None:
+                tprog.add_metric([a], st.progress_seen)
             v = _num(t.inference.get("requests"))
             if v is not None:
                 ireq.add_metric([a], v)
