@@ -257,3 +257,11 @@ def test_composed_pipelines_within_composed_bound(spec: str, bits: int | None, t
     assert np.all(err <= max(step, dropped) + rounding)
     if "topk" not in spec and bits is not None:
         assert np.all(err <= step + rounding)
+
+
+def test_block_larger_than_tensor_is_one_block() -> None:
+    t = {"s": np.array(3.0, np.float32), "v": np.linspace(-1, 1, 5).astype(np.float32)}
+    big = _roundtrip(f"q:8:block={2**24}", t, seed=4)
+    small = _roundtrip("q:8", t, seed=4)
+    assert all(np.array_equal(big[k], small[k]) for k in t)
+    assert parse_codec(f"q:8:block={2**24}").encode(t, seed=4) == parse_codec("q:8").encode(t, seed=4)

@@ -9,6 +9,11 @@ Grammar (stages separated by ``|``, case-insensitive, whitespace ignored)::
     value   := "raw" | "q:" BITS [":block=" N] | "sign" [":block=" N]
     zstd    := "zstd" [":" LEVEL]                           1 <= LEVEL <= 22
 
+``ef`` compensates every lossy stage before it: ``topk|ef|q:8`` feeds back the top-k
+drop only (q stays stochastic and unbiased), ``topk|q:8|ef`` / ``q:4|ef`` feed back
+everything and make q round deterministically (EF needs a contractive compressor;
+see :mod:`protocol.codec.quant` and :mod:`protocol.codec.ef`).
+
 ``BITS`` is 1, 2, 4 or 8 (``sign`` is ``q:1``), ``N`` >= 1. When no value stage is
 given, ``raw`` is implied. :attr:`Pipeline.spec` is the canonical form: explicit
 ``raw``, ``sign`` written ``q:1``, default parameters omitted, lower case.
@@ -295,6 +300,7 @@ class Pipeline:
             if state is None:
                 raise CodecError("missing_state", f"{self.spec!r} needs an ErrorFeedbackState")
             xs = state.compensate(specs, xs)
+        residuals: list[Flat] | None = None
         if self.dense_raw:
             body = raw_encode(xs)
         else:
@@ -302,13 +308,14 @@ class Pipeline:
             if not bool(np.all(np.isfinite(flat))):
                 raise CodecError("non_finite", "lossy stages need finite inputs")
             body, recon = self._encode_lossy(flat, sizes, seed)
-            if self.ef is not None and state is not None:
+            if self.ef is not None:
                 residual = flat - recon
                 offs = np.cumsum([0, *sizes])
-                state.commit(specs, [residual[offs[i] : offs[i + 1]] for i in range(len(specs))])
-        if self.zstd_level is not None:
-            return zstd_mod.zstd_compress(body, self.zstd_level)
-        return body
+                residuals = [residual[offs[i] : offs[i + 1]] for i in range(len(specs))]
+        payload = body if self.zstd_level is None else zstd_mod.zstd_compress(body, self.zstd_level)
+        if state is not None and residuals is not None:
+            state.commit(specs, residuals)  # only once the whole encode has succeeded
+        return payload
 
     def _encode_lossy(self, flat: Flat, sizes: Sequence[int], seed: int) -> tuple[bytes, Flat]:
         """Body for topk/q pipelines plus the reconstruction ``ef`` compensates."""

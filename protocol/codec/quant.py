@@ -67,9 +67,14 @@ def block_count(n: int, block: int | None) -> int:
     return 1 if block is None else -(-n // block)
 
 
+def _width(n: int, block: int | None) -> int:
+    """Elements per block row; a block longer than the vector is just the vector."""
+    return n if block is None or block >= n else block
+
+
 def _blocked(values: Flat, block: int | None) -> npt.NDArray[np.float32]:
     n = values.size
-    b = n if block is None else block
+    b = _width(n, block)
     nb = block_count(n, block)
     padded = np.zeros(nb * b, dtype=np.float32)
     padded[:n] = values
@@ -77,7 +82,7 @@ def _blocked(values: Flat, block: int | None) -> npt.NDArray[np.float32]:
 
 
 def _per_element(scales: npt.NDArray[np.float32], n: int, block: int | None) -> npt.NDArray[np.float64]:
-    return np.repeat(scales.astype(np.float64), n if block is None else block)[:n]
+    return np.repeat(scales.astype(np.float64), _width(n, block))[:n]
 
 
 def quantize(values: Flat, bits: int, block: int | None, rng: np.random.Generator | None) -> tuple[Flat, Codes]:
