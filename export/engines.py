@@ -305,7 +305,7 @@ def select_engine(
             engine = make_engine(name, artifacts, threads=threads)
             if artifacts.input_shape is not None:
                 smoke_test(engine, artifacts.input_shape)
-        except (ExportError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # any failure of one engine is a reason to fall back, never a crash
             reason = describe(exc)
             attempts.append(EngineAttempt(name, False, reason))
             log.info("engine %s skipped: %s", name, reason)
