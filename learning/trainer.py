@@ -203,26 +203,34 @@ def class_balanced_loss(labels: np.ndarray, num_classes: int) -> LossFn:
 TrainData = ArrayDataset | TensorDataset | tuple[torch.Tensor, torch.Tensor]
 
 
-def _batch_source(data: TrainData, normalize: Normalize | None) -> tuple[int, BatchGetter, bytes]:
-    """``(n, get(indices) -> (x, y), content digest)``."""
-    h = hashlib.blake2b(digest_size=16)
+def _batch_source(data: TrainData, normalize: Normalize | None) -> tuple[int, BatchGetter, Callable[[], bytes]]:
+    """``(n, get(indices) -> (x, y), content digest)``; the digest is computed only when asked for."""
     if isinstance(data, ArrayDataset):
-        h.update(repr((data.images.shape, str(data.images.dtype), normalize)).encode())
-        h.update(np.ascontiguousarray(data.images).tobytes())
-        h.update(data.labels.tobytes())
-        return len(data), (lambda idx: data.batch(idx, normalize)), h.digest()
+
+        def digest_arrays() -> bytes:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(repr((data.images.shape, str(data.images.dtype), normalize)).encode())
+            h.update(np.ascontiguousarray(data.images).tobytes())
+            h.update(data.labels.tobytes())
+            return h.digest()
+
+        return len(data), (lambda idx: data.batch(idx, normalize)), digest_arrays
     xs, ys = data.tensors if isinstance(data, TensorDataset) else data
     if xs.shape[0] != ys.shape[0]:
         raise ValueError(f"{xs.shape[0]} inputs but {ys.shape[0]} labels")
-    for t in (xs, ys):
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    def digest_tensors() -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for t in (xs, ys):
+            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.digest()
 
     def get(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         i = torch.from_numpy(idx)
         return xs[i], ys[i]
 
-    return int(ys.shape[0]), get, h.digest()
+    return int(ys.shape[0]), get, digest_tensors
 
 
 def _fingerprint(cfg: TrainingConfig, data_digest: bytes, model: nn.Module, extra: str) -> str:
@@ -284,7 +292,8 @@ def train_local(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]):
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed)
             optimizer = make_opt(model, cfg)
@@ -292,7 +301,7 @@ def train_local(
             fingerprint = ""
             if ck_path is not None:
                 extra = f"{getattr(plan_fn, '__qualname__', plan_fn)}|{type(optimizer).__qualname__}|{has_bn}"
-                fingerprint = _fingerprint(cfg, data_digest, model, extra)
+                fingerprint = _fingerprint(cfg, data_digest(), model, extra)
 
             epoch = batch_index = steps = samples = 0
             loss_sum = 0.0
