@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
+from coordinator.strategies.central_dp import build_central_dp
 from coordinator.strategies.fedavg import FedAdam, FedAvg, FedAvgM, FedProx
 from coordinator.strategies.robust import Krum, Median, MultiKrum, NormBound, TrimmedMean
 
@@ -20,6 +21,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "krum": Krum,
     "multikrum": MultiKrum,
     "normbound": NormBound,
+    "central_dp": build_central_dp,
 }
 
 
