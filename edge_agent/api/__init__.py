@@ -1,0 +1,67 @@
+"""The box's inference API (FastAPI): ``create_app`` is its factory; routes live in ``routes``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from edge_agent.api.routes import health, router
+from edge_agent.api.settings import ApiSettings
+from edge_agent.audit import AuditLog
+from edge_agent.serving import DiagnosisService, InferenceHook, MicroBatcher, ServedModel
+from edge_agent.store import LocalStore
+from protocol.profile import InputSection, ServingSection
+
+__all__ = ["ApiSettings", "create_app"]
+
+
+def create_app(
+    settings: ApiSettings,
+    served: ServedModel,
+    store: LocalStore,
+    audit: AuditLog,
+    *,
+    accept: InputSection | None = None,
+    serving: ServingSection | None = None,
+    service: DiagnosisService | None = None,
+    on_inference_request: list[InferenceHook] | None = None,
+    extra_routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """The inference app. Pass ``service`` to share one batcher with the DICOM SCP; otherwise
+    one is built from ``accept`` (the profile's ``input``) and ``serving`` (its ``serving``).
+
+    ``on_inference_request`` is the list of callbacks run on every diagnose request (the
+    trainer pauses on it); the same list object is kept, so callbacks added later count.
+    The app starts the batcher when it starts and stops it when it stops, unless it was given
+    a ``service`` (then whoever built the service owns the batcher).
+    """
+    own = service is None
+    if service is None:
+        service = DiagnosisService(
+            served, MicroBatcher.from_profile(serving, settings.retry_after_s), store, audit,
+            accept or InputSection(), on_inference_request=on_inference_request,
+            timeout_s=settings.request_timeout_s,
+        )
+    elif on_inference_request is not None:
+        service.on_inference_request = on_inference_request
+    svc = service
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.batcher.start()
+        try:
+            yield
+        finally:
+            if own:
+                svc.batcher.stop()
+
+    app = FastAPI(title=settings.title, version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.service = svc
+    app.include_router(health)
+    app.include_router(router, tags=["diagnosis"])
+    for r in extra_routers:
+        app.include_router(r)
+    return app

@@ -1,0 +1,207 @@
+"""The inference API's routes: diagnose, findings, studies, model, health.
+
+Every route has a ``response_model``; every refusal is an ``HTTPException`` whose detail is
+``{"reason": <code>, "message": <text>}`` (see :class:`~edge_agent.api.schemas.ErrorOut`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.datastructures import UploadFile
+
+from edge_agent.api.deps import Caller, Service, Settings, Store, http_error
+from edge_agent.api.schemas import (
+    DiagnosisOut,
+    ErrorOut,
+    FindingIn,
+    HealthOut,
+    InputOut,
+    ModelOut,
+    ReadyOut,
+    StudyOut,
+    TimingsOut,
+)
+from edge_agent.audit import AuditRecord
+from edge_agent.serving import Diagnosis, InferenceFailed, NotReady, Overloaded
+from edge_agent.store import StudyNotFound, StudyRecord
+from learning.dicom import ImageRejected
+
+router = APIRouter()
+health = APIRouter(tags=["health"])
+
+StudyId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the box's random study id")]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorOut} for c in (400, 401, 404, 413, 415, 422, 500, 503, 504)
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_DIAGNOSE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+            "image/png": _BINARY,
+            "image/jpeg": _BINARY,
+            "application/dicom": _BINARY,
+        },
+    }
+}
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[128:132] == b"DICM":
+        return "application/dicom"
+    return None
+
+
+async def _read_body(request: Request, limit: int) -> tuple[bytes, str | None]:
+    """The image bytes and their declared content type, from a multipart form or a raw body."""
+    declared = request.headers.get("content-type")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
+        raise http_error(413, "too_large", f"{length} bytes exceed the limit of {limit}")
+    if (declared or "").lower().startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise http_error(422, "missing_file", "a multipart request needs a 'file' part")
+        data = await upload.read(limit + 1)
+        ctype = upload.content_type
+    else:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise http_error(413, "too_large", f"the body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        data, ctype = b"".join(chunks), declared
+    base = (ctype or "").split(";", 1)[0].strip().lower()
+    if base in ("", "application/octet-stream"):
+        ctype = _sniff(data) or ctype
+    return data, ctype
+
+
+def _diagnosis_out(d: Diagnosis) -> DiagnosisOut:
+    t = d.timings
+    return DiagnosisOut(
+        study_id=d.study_id, label=d.label, probabilities=d.probabilities, confidence=d.confidence,
+        reliability_percent=round(100.0 * d.confidence, 1), calibrated=d.calibrated, temperature=d.temperature,
+        model_version=d.model_version, engine=d.engine,
+        timings=TimingsOut(
+            decode_ms=t.decode_ms, preprocess_ms=t.preprocess_ms, queue_ms=t.queue_ms, infer_ms=t.infer_ms,
+            store_ms=t.store_ms, total_ms=t.total_ms, batch_size=t.batch_size,
+        ),
+    )
+
+
+def _study_out(r: StudyRecord) -> StudyOut:
+    return StudyOut(
+        study_id=r.study_id, created_at=r.created_at, source=r.source, content_type=r.content_type,
+        modality=r.modality, model_version=r.model_version, engine=r.engine, label=r.label,
+        confidence=r.confidence, probabilities=r.probabilities, finding=r.finding, finding_at=r.finding_at,
+    )
+
+
+@router.post(
+    "/v1/diagnose",
+    response_model=DiagnosisOut,
+    responses=_ERRORS,
+    openapi_extra=_DIAGNOSE_BODY,
+    summary="Diagnose one image (PNG, JPEG or DICOM; multipart 'file' or raw body)",
+)
+async def diagnose(request: Request, caller: Caller, service: Service, settings: Settings) -> DiagnosisOut:
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    try:
+        data, ctype = await _read_body(request, service.accept.max_bytes)
+    except ImageRejected as exc:  # pragma: no cover - _read_body raises HTTPException
+        raise http_error(exc.status_code, exc.reason, exc.message) from exc
+    try:
+        d = await service.diagnose_async(data, ctype, caller=caller, source="http")
+    except ImageRejected as exc:
+        raise http_error(exc.status_code, exc.reason, exc.message) from exc
+    except Overloaded as exc:
+        raise http_error(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after_s)}) from exc
+    except NotReady as exc:
+        raise http_error(503, "not_ready", str(exc), retry) from exc
+    except InferenceFailed as exc:
+        raise http_error(500, "inference_failed", str(exc)) from exc
+    except TimeoutError as exc:
+        raise http_error(504, "inference_timeout", "inference took longer than the request timeout") from exc
+    return _diagnosis_out(d)
+
+
+@router.post(
+    "/v1/studies/{study_id}/finding",
+    response_model=StudyOut,
+    responses=_ERRORS,
+    summary="Record the clinician's confirmed label; the study becomes a training example",
+)
+def record_finding(study_id: StudyId, body: FindingIn, caller: Caller, service: Service) -> StudyOut:
+    classes = service.served.current().classes if service.served.ready else None
+    if classes is not None and body.label not in classes:
+        raise http_error(422, "unknown_label", f"label {body.label!r} is not one of {list(classes)}")
+    try:
+        rec = service.store.record_finding(study_id, body.label, by=caller)
+    except StudyNotFound as exc:
+        raise http_error(404, "unknown_study", "no study with this id on this box") from exc
+    service.audit.append(AuditRecord(event="finding", caller=caller, study_id=study_id, label=body.label,
+                                     model_version=rec.model_version, engine=rec.engine))
+    return _study_out(rec)
+
+
+@router.get("/v1/studies/{study_id}", response_model=StudyOut, responses=_ERRORS, summary="One study and its result")
+def get_study(study_id: StudyId, caller: Caller, store: Store) -> StudyOut:
+    try:
+        return _study_out(store.get(study_id))
+    except StudyNotFound as exc:
+        raise http_error(404, "unknown_study", "no study with this id on this box") from exc
+
+
+@router.get("/v1/studies", response_model=list[StudyOut], responses=_ERRORS, summary="Recent studies, newest first")
+def list_studies(
+    caller: Caller,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    source: Annotated[str | None, Query(pattern=r"^(http|dicom)$")] = None,
+) -> list[StudyOut]:
+    return [_study_out(r) for r in store.list(limit=limit, source=source)]
+
+
+@router.get("/v1/model", response_model=ModelOut, responses=_ERRORS, summary="The model this box serves")
+def get_model(caller: Caller, service: Service, settings: Settings) -> ModelOut:
+    try:
+        m = service.served.current()
+    except NotReady as exc:
+        raise http_error(503, "not_ready", str(exc), {"Retry-After": str(settings.retry_after_s)}) from exc
+    return ModelOut(
+        version=m.version, engine=m.engine.name, classes=list(m.classes), temperature=m.temperature,
+        calibrated=m.calibrated, input=InputOut(channels=m.input.channels, height=m.input.height, width=m.input.width),
+        preprocessing=[dict(s) for s in m.preprocessing], loaded_at=m.loaded_at,
+    )
+
+
+@health.get("/healthz", response_model=HealthOut, summary="The process is up")
+def healthz() -> HealthOut:
+    return HealthOut()
+
+
+@health.get("/readyz", response_model=ReadyOut, responses={503: {"model": ErrorOut}},
+            summary="Ready once a verified model is loaded and the batcher runs")
+def readyz(service: Service, settings: Settings) -> ReadyOut:
+    if not service.served.ready or not service.batcher.running:
+        raise http_error(503, "not_ready", "no verified model is loaded yet",
+                         {"Retry-After": str(settings.retry_after_s)})
+    return ReadyOut(ready=True, model_version=service.served.current().version)
