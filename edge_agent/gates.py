@@ -67,6 +67,12 @@ def gates_open(
 
     A reading the box cannot provide (no GPU, no sensor) does not close a gate; a missing sample
     does, because then nothing is known about the load.
+
+    Utilization gates judge the load of *others*, not the agent's own training (which would
+    otherwise close the gate it is gated by, and flap): the CPU gate uses box CPU minus this
+    process's CPU, and the GPU utilization gate applies only when NVML reports another compute
+    process on that GPU (or cannot tell). The agent's own diagnosis load pauses training through
+    :meth:`GateController.on_inference_request`. Temperature and free memory apply as measured.
     """
     reasons: list[str] = []
     if not in_training_window(window, now):
@@ -77,12 +83,15 @@ def gates_open(
     if sample is None:
         reasons.append("no resource sample yet")
         return False, reasons
-    if sample.cpu_percent is not None and sample.cpu_percent > gates.max_cpu_percent:
-        reasons.append(f"cpu {sample.cpu_percent:.1f}% > {gates.max_cpu_percent:g}%")
+    if sample.cpu_percent is not None:
+        others = max(0.0, sample.cpu_percent - (sample.own_cpu_percent or 0.0))
+        if others > gates.max_cpu_percent:
+            reasons.append(f"cpu (other processes) {others:.1f}% > {gates.max_cpu_percent:g}%")
     if sample.memory_available_mb is not None and sample.memory_available_mb < gates.min_free_memory_mb:
         reasons.append(f"free memory {sample.memory_available_mb:.0f} MB < {gates.min_free_memory_mb} MB")
     for g in sample.gpus:
-        if g.util_percent is not None and g.util_percent > gates.max_gpu_percent:
+        busy_by_others = g.other_processes is None or g.other_processes > 0
+        if g.util_percent is not None and busy_by_others and g.util_percent > gates.max_gpu_percent:
             reasons.append(f"gpu{g.index} utilization {g.util_percent:.0f}% > {gates.max_gpu_percent:g}%")
         if g.temp_c is not None and g.temp_c > gates.max_gpu_temp_c:
             reasons.append(f"gpu{g.index} temperature {g.temp_c:.0f} C > {gates.max_gpu_temp_c:g} C")
@@ -197,7 +206,8 @@ class GateController:
                 reasons.append(f"inference request {now - self._last_request:.1f}s ago (quiet period {self.quiet_s:g}s)")
         ok, gate_reasons = gates_open(self._sample, self.gates, self.wallclock(), self.window)
         if not ok:
-            self._last_gate_closed = now
+            if self._sample is not None:  # a real closing reading starts the hold; "no sample yet" does not
+                self._last_gate_closed = now
             reasons.extend(gate_reasons)
         elif self._last_gate_closed is not None and now - self._last_gate_closed < self.gate_hold_s:
             reasons.append(f"gates reopened {now - self._last_gate_closed:.1f}s ago (hold {self.gate_hold_s:g}s)")

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -56,6 +57,8 @@ class GpuSample:
     temp_c: float | None = None
     power_w: float | None = None
     name: str | None = None
+    #: compute processes on this GPU other than this agent process (None: NVML cannot tell)
+    other_processes: int | None = None
 
     @property
     def mem_percent(self) -> float | None:
@@ -81,6 +84,8 @@ class ResourceSample:
 
     at: float
     cpu_percent: float | None = None
+    #: CPU used by this agent process (training, serving), on the same whole-box scale as ``cpu_percent``
+    own_cpu_percent: float | None = None
     memory_percent: float | None = None
     memory_available_mb: float | None = None
     disk_percent: float | None = None
@@ -96,6 +101,7 @@ class NvmlProbe:
         self._handles: list[Any] = []
         self._names: list[str] = []
         self._started = False
+        self._pid = os.getpid()
         self.reason: str | None = None
 
     @property
@@ -146,6 +152,8 @@ class NvmlProbe:
             mem = self._try(nv.nvmlDeviceGetMemoryInfo, h)
             temp = self._try(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU)
             power_mw = self._try(nv.nvmlDeviceGetPowerUsage, h)
+            procs = self._try(nv.nvmlDeviceGetComputeRunningProcesses, h)
+            others = None if procs is None else sum(1 for p in procs if getattr(p, "pid", None) != self._pid)
             out.append(
                 GpuSample(
                     index=i,
@@ -155,6 +163,7 @@ class NvmlProbe:
                     temp_c=float(temp) if temp is not None else None,
                     power_w=power_mw / 1000.0 if power_mw is not None else None,
                     name=self._names[i] or None,
+                    other_processes=others,
                 )
             )
         return tuple(out)
@@ -223,6 +232,9 @@ class TelemetrySampler:
         self.nvml = (nvml or NvmlProbe()) if gpu else None
         self._temperatures = temperatures and hasattr(psutil, "sensors_temperatures")
         self._last_cpu = psutil.cpu_times()
+        self._process = psutil.Process()
+        self._last_own = (time.monotonic(), self._own_cpu_seconds())
+        self._ncpu = psutil.cpu_count() or 1
         self._warned: set[str] = set()
 
     def _once(self, what: str, msg: str, *args: object) -> None:
@@ -238,6 +250,18 @@ class TelemetrySampler:
         if total <= 0:
             return None
         return max(0.0, min(100.0, 100.0 * (total - idle) / total))
+
+    def _own_cpu_seconds(self) -> float:
+        t = self._process.cpu_times()
+        return float(t.user + t.system)
+
+    def _own_cpu_percent(self) -> float | None:
+        now = (time.monotonic(), self._own_cpu_seconds())
+        (t0, c0), self._last_own = self._last_own, now
+        wall = now[0] - t0
+        if wall <= 0:
+            return None
+        return max(0.0, min(100.0, 100.0 * (now[1] - c0) / (wall * self._ncpu)))
 
     def _temps(self) -> dict[str, float]:
         if not self._temperatures:
@@ -268,6 +292,7 @@ class TelemetrySampler:
         return ResourceSample(
             at=at,
             cpu_percent=self._cpu_percent(),
+            own_cpu_percent=self._own_cpu_percent(),
             memory_percent=vm.percent,
             memory_available_mb=vm.available / 2**20,
             disk_percent=disk,
