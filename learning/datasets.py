@@ -8,9 +8,10 @@ to float32 all at once. Bad input raises :class:`DatasetError` naming the file a
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,27 +179,91 @@ def load_demo_splits(name: str = "pneumoniamnist.npz", *, allow_generated: bool 
 
 
 # ---------------------------------------------------------------------------------------------- files
+# Files go through the same decoders (learning/dicom.py) and preprocessing steps
+# (learning/transforms.py) as the inference service, so training and serving see the same pixels.
+# The steps stop at [0, 1]; normalization happens per batch (ArrayDataset.batch), and the
+# [0, 1] values are stored as uint8 (a rounding of at most 1/510) to keep large sets small.
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+_SUFFIX = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
 
 
-def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
+def unit_steps(size: tuple[int, int], channels: int = 1) -> list[dict[str, Any]]:
+    """The default chain from stored pixels to [0, 1] (the demo profile's steps without ``normalize``)."""
+    return [
+        {"op": "select_frame"},
+        {"op": "dicom_rescale"},
+        {"op": "invert_monochrome1"},
+        {"op": "window"},
+        {"op": "to_grayscale" if channels == 1 else "to_rgb"},
+        {"op": "resize", "height": size[0], "width": size[1]},
+        {"op": "scale_to_unit"},
+    ]
 
-    h, w = size
-    if img.shape[:2] == (h, w):
-        return img
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
+
+def _op(step: Any) -> str | None:
+    return step.get("op") if isinstance(step, Mapping) else getattr(step, "op", None)
+
+
+def _content_type(path: Path, data: bytes) -> str:
+    if data[128:132] == b"DICM":
+        return "application/dicom"
+    for magic, ctype in _MAGIC:
+        if data.startswith(magic):
+            return ctype
+    return _SUFFIX.get(path.suffix.lower(), "application/octet-stream")
+
+
+class _FileDecoder:
+    """Path → uint8 ``(H, W)`` or ``(H, W, 3)`` through decode + preprocessing steps (``normalize`` dropped)."""
+
+    def __init__(self, size: tuple[int, int], channels: int, steps: Sequence[Any] | None) -> None:
+        from learning.transforms import build_pipeline
+        from protocol.profile import InputSection
+
+        if channels not in (1, 3):
+            raise DatasetError(f"channels must be 1 or 3, got {channels}")
+        chain = list(steps) if steps is not None else unit_steps(size, channels)
+        self.pipeline = build_pipeline([s for s in chain if _op(s) != "normalize"])
+        self.accept = InputSection(channels=channels, height=size[0], width=size[1])
+        self.size, self.channels = size, channels
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from learning.dicom import ImageRejected, decode
+
+        data = path.read_bytes()  # FileNotFoundError / OSError: the caller names the file
+        try:
+            chw = self.pipeline(decode(data, _content_type(path, data), self.accept))
+        except ImageRejected as e:
+            raise DatasetError(f"{path}: {e}") from e
+        if chw.shape != (self.channels, *self.size):
+            raise DatasetError(f"{path}: preprocessing gave {chw.shape}, expected {(self.channels, *self.size)}")
+        hwc = np.round(np.clip(chw, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
+        return hwc[:, :, 0] if self.channels == 1 else hwc
 
 
 def _classes_and_indices(labels: Sequence[str | int], classes: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
     names = [str(v).strip() for v in labels]
     if classes is None:
-        uniq = sorted(set(names), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
-        classes = uniq
+        numeric = all(n.lstrip("-").isdigit() for n in names)
+        classes = sorted(set(names), key=int) if numeric else sorted(set(names))
     lookup = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(names) - set(lookup))
     if unknown:
         raise DatasetError(f"labels {unknown[:5]} are not among the classes {list(classes)}")
     return list(classes), np.array([lookup[v] for v in names], dtype=np.int64)
+
+
+def _load_files(paths: Sequence[Path], decoder: _FileDecoder, listed_in: str) -> np.ndarray:
+    images = []
+    for path in paths:
+        try:
+            images.append(decoder(path))
+        except FileNotFoundError as e:
+            raise DatasetError(f"{path}: {listed_in} but missing") from e
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot read ({e})") from e
+    return np.stack(images)
 
 
 def load_image_folder(
@@ -208,17 +273,14 @@ def load_image_folder(
     size: tuple[int, int] = (28, 28),
     channels: int = 1,
     classes: Sequence[str] | None = None,
+    steps: Sequence[Any] | None = None,
 ) -> ArrayDataset:
-    """PNG/JPEG files under ``root`` listed in a CSV with header ``filename,label``.
+    """Image files (PNG, JPEG, also DICOM) under ``root`` listed in a CSV with header ``filename,label``.
 
     Labels are class names (or integers as text); ``classes`` fixes their order, else they are
-    sorted (numbers numerically). Images are converted to ``L`` (channels=1) or ``RGB`` (3) and
-    resized bilinearly to ``size`` (height, width).
+    sorted (numerically when all are integers). Pixels go through ``steps`` (a firmware
+    profile's ``preprocessing``; its ``normalize`` is left to batch time) or :func:`unit_steps`.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    if channels not in (1, 3):
-        raise DatasetError(f"channels must be 1 or 3, got {channels}")
     root_p, csv_p = Path(root), Path(labels_csv)
     try:
         with csv_p.open(newline="") as f:
@@ -234,53 +296,9 @@ def load_image_folder(
     if any(fn is None or lb is None or not fn.strip() or not lb.strip() for fn, lb in rows):
         raise DatasetError(f"{csv_p}: a row has an empty filename or label")
     class_names, y = _classes_and_indices([lb for _, lb in rows], classes)
-    mode = "L" if channels == 1 else "RGB"
-    images = []
-    for fn, _ in rows:
-        path = root_p / fn.strip()
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert(mode))
-        except FileNotFoundError as e:
-            raise DatasetError(f"{path}: listed in {csv_p.name} but missing") from e
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DatasetError(f"{path}: unreadable image ({e})") from e
-        images.append(_resize(arr, size))
-    return ArrayDataset(np.stack(images), y, class_names)
-
-
-def _dicom_to_uint8(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Minimal DICOM → (H, W) uint8: first frame, rescale slope/intercept, MONOCHROME1 inverted, RGB to
-    luminance, min-max to [0, 255], bilinear resize."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable DICOM file ({e})") from e
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DatasetError(f"{path}: DICOM has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
-    try:
-        px = ds.pixel_array
-    except Exception as e:  # pydicom raises ValueError/RuntimeError/NotImplementedError by codec
-        raise DatasetError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from e
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        px = px[0]
-    img = px.astype(np.float64)
-    if samples == 3:
-        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
-    else:
-        img = img * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            img = img.max() - img
-    if img.ndim != 2 or not np.isfinite(img).all():
-        raise DatasetError(f"{path}: unexpected pixel array shape {px.shape} or non-finite values")
-    lo, hi = float(img.min()), float(img.max())
-    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    return _resize(np.round(img * 255).astype(np.uint8), size)
+    decoder = _FileDecoder(size, channels, steps)
+    images = _load_files([root_p / fn.strip() for fn, _ in rows], decoder, f"listed in {csv_p.name}")
+    return ArrayDataset(images, y, class_names)
 
 
 def load_dicom_files(
@@ -288,12 +306,16 @@ def load_dicom_files(
     labels: Sequence[int | str],
     size: tuple[int, int] = (28, 28),
     *,
+    channels: int = 1,
     classes: Sequence[str] | None = None,
+    steps: Sequence[Any] | None = None,
 ) -> ArrayDataset:
-    """Grayscale uint8 dataset from DICOM files (see :func:`_dicom_to_uint8` for the minimal preprocessing)."""
+    """Dataset from DICOM files: middle frame, Modality LUT (rescale slope/intercept), MONOCHROME1
+    inverted, VOI window from the file else min-max, grey, bilinear resize (:func:`unit_steps`)."""
     if len(paths) != len(labels):
         raise DatasetError(f"{len(paths)} DICOM paths but {len(labels)} labels")
     if not paths:
         raise DatasetError("no DICOM files given")
     class_names, y = _classes_and_indices(labels, classes)
-    return ArrayDataset(np.stack([_dicom_to_uint8(p, size) for p in paths]), y, class_names)
+    images = _load_files([Path(p) for p in paths], _FileDecoder(size, channels, steps), "given")
+    return ArrayDataset(images, y, class_names)
