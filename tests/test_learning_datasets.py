@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,32 @@ def test_dicom_bad_inputs(tmp_path: Path) -> None:
         load_dicom_files([tmp_path / "absent.dcm"], [0])
     with pytest.raises(DatasetError, match="2 DICOM paths but 1 labels"):
         load_dicom_files([sample_file("CT_small.dcm")] * 2, [0])
+
+
+def test_folder_pixels_match_the_serving_pipeline(tmp_path: Path) -> None:
+    """Training (ArrayDataset.batch with the profile's normalize) and serving (profile pipeline on the
+    uploaded bytes) see the same pixels, up to the uint8 storage rounding."""
+    from learning.dicom import decode
+    from learning.transforms import build_pipeline
+    from protocol.profile import find_profile
+
+    profile = find_profile("xray-cxr-28")
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (90, 70), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    shutil.copy(sample_file("CT_small.dcm"), tmp_path / "c.dcm")
+    (tmp_path / "l.csv").write_text("filename,label\na.png,normal\nb.png,pneumonia\nc.dcm,normal\n")
+    ds = load_image_folder(tmp_path, tmp_path / "l.csv", steps=profile.preprocessing,
+                           classes=profile.model.classes)
+    norm = next(s for s in profile.preprocessing if s.op == "normalize")
+    x, _ = ds.batch(normalize=(norm.mean, norm.std))
+    serve = build_pipeline(profile.preprocessing)
+    accept = profile.input.model_copy(update={"modalities": []})  # the profile takes DX/CR/OT, the sample is CT
+    for i, (name, ctype) in enumerate([("a.png", "image/png"), ("b.png", "image/png"),
+                                       ("c.dcm", "application/dicom")]):
+        want = serve(decode((tmp_path / name).read_bytes(), ctype, accept))
+        assert want.shape == (1, 28, 28)
+        np.testing.assert_allclose(x[i].numpy(), want, atol=1 / 510 / norm.std[0] + 1e-6)
+    # the default steps are the profile's without normalize
+    plain = load_image_folder(tmp_path, tmp_path / "l.csv", classes=profile.model.classes)
+    np.testing.assert_array_equal(plain.images, ds.images)
