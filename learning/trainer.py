@@ -14,9 +14,14 @@ written at the end of each epoch and when ``max_steps`` ends training. A checkpo
 only when its fingerprint (config, dataset, start weights) matches this call; a finished one
 makes the call return at once with the trained weights loaded.
 
-DP-SGD (``learning/dp.py``) plugs in through ``optimizer_factory`` (e.g. an opacus
-``DPOptimizer`` over a ``GradSampleModule`` passed as ``model``) and ``batch_plan`` (e.g.
-Poisson sampling); this module implements no privacy itself.
+DP-SGD (``learning/dp.py``) plugs in through ``optimizer_factory`` and ``batch_plan``::
+
+    pt = make_private(model, sgd_optimizer(model, cfg), loader, noise_multiplier=..., max_grad_norm=...)
+    train_local(pt.model, data, cfg, optimizer_factory=lambda m, c: pt.optimizer,
+                batch_plan=poisson_batches(pt.sample_rate))
+
+This module implements no privacy itself. A DP run resumed from a checkpoint is not
+bit-identical (the noise generator's state is the optimizer's, not checkpointed here).
 """
 
 from __future__ import annotations
@@ -180,6 +185,21 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> lis
     """Default batch plan: one ``randperm`` per epoch, consecutive slices (last one may be short)."""
     perm = torch.randperm(n, generator=generator).numpy()
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def poisson_batches(sample_rate: float) -> BatchPlan:
+    """Batch plan for DP-SGD: ``round(1 / sample_rate)`` steps per epoch, each sample in a step's batch
+    independently with probability ``sample_rate`` (opacus' Poisson sampling). Empty batches are
+    skipped by the loop (no update is released for them)."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+
+    def plan(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+        steps = max(1, round(1 / sample_rate))
+        return [torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().numpy()
+                for _ in range(steps)]
+
+    return plan
 
 
 def sgd_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:

@@ -295,3 +295,24 @@ def test_real_pneumonia_small_cnn_learns(pneumonia_npz: Path) -> None:
     assert res.steps == 120
     assert metrics["balanced_accuracy"] > 0.7
     assert metrics["auc"] > 0.85
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_dp_sgd_plugs_in_through_the_hooks() -> None:
+    """learning.dp (opacus) wraps model + optimizer; the loop runs them with a Poisson batch plan."""
+    from torch.utils.data import DataLoader
+
+    from learning.dp import make_private
+    from learning.trainer import poisson_batches, sgd_optimizer
+
+    cfg = CFG.model_copy(update={"local_epochs": 1})
+    model = fresh_model()
+    loader = DataLoader(DATA.to_tensor_dataset(), batch_size=cfg.batch_size)
+    pt = make_private(model, sgd_optimizer(model, cfg), loader, noise_multiplier=1.0, max_grad_norm=1.0, seed=5)
+    res = train_local(pt.model, DATA, cfg, threads=1, optimizer_factory=lambda m, c: pt.optimizer,
+                      batch_plan=poisson_batches(pt.sample_rate))
+    assert res.steps == pt.steps == 8  # the accountant saw every step the loop took
+    assert 0 < pt.epsilon(1e-5) < float("inf")
+    assert differs(pt.unwrap(), fresh_model())
+    with pytest.raises(ValueError, match="sample_rate"):
+        poisson_batches(0.0)
