@@ -1,0 +1,147 @@
+"""Client-side DP-SGD (Abadi et al. 2016) with opacus: per-sample clipping + Gaussian noise.
+
+``make_private`` wraps a model / optimizer / data loader with opacus' ``PrivacyEngine`` (RDP
+accountant, Poisson sampling by default) and returns a :class:`PrivateTraining` that trains like
+the originals and reports ε. It refuses models with BatchNorm — BatchNorm mixes samples of a
+batch, so per-sample gradients (and therefore the privacy guarantee) do not exist — with a
+:class:`DPIncompatibleModel` that names the layers; build models with ``norm="group"``.
+
+An optional ``budget`` (anything with ``require(noise_multiplier=, sampling_rate=, steps=, what=)``,
+e.g. ``coordinator.privacy.PrivacyBudget``, which an agent keeps across rounds) is checked
+*before* anything is wrapped: a run whose planned steps would pass the budget raises that
+budget's error (``BudgetExhausted``) and training never starts.
+
+Seeds (``seed=``) make sampling and noise reproducible for tests and benchmarks only: noise an
+observer can predict protects nothing, so production runs pass ``seed=None``.
+
+Caveat: opacus clips per-sample gradients of the model's loss; a FedProx proximal term added to
+the loss outside the model is not per-sample and is ignored by the DP optimizer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+
+class DPIncompatibleModel(ValueError):
+    """The model cannot be trained with per-sample gradients (e.g. it has BatchNorm)."""
+
+
+class BudgetGuard(Protocol):
+    def require(self, *, noise_multiplier: float, sampling_rate: float, steps: int = 1,
+                what: str = ...) -> float: ...
+
+
+def batchnorm_layers(model: nn.Module) -> list[str]:
+    return [name or "<root>" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Raise :class:`DPIncompatibleModel` listing every layer opacus cannot make private."""
+    bn = batchnorm_layers(model)
+    if bn:
+        raise DPIncompatibleModel(
+            f"DP-SGD refuses BatchNorm: layers {bn} mix the samples of a batch, so per-sample gradients "
+            "(and the privacy guarantee) do not exist. Build the model with norm='group' (GroupNorm)."
+        )
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise DPIncompatibleModel(f"opacus cannot train this model privately: {[str(e) for e in errors]}")
+
+
+@dataclass
+class PrivateTraining:
+    """What ``make_private`` returns: use these instead of the originals."""
+
+    model: GradSampleModule
+    optimizer: DPOptimizer
+    data_loader: DataLoader[Any]
+    engine: PrivacyEngine
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (each one is one composition of the sampled Gaussian mechanism)."""
+        return int(sum(n for _z, _q, n in self.engine.accountant.history))
+
+    def epsilon(self, delta: float) -> float:
+        """ε at ``delta`` spent by the steps taken so far (opacus' RDP accountant)."""
+        if self.steps == 0:
+            return 0.0
+        return float(self.engine.get_epsilon(delta))
+
+    def unwrap(self) -> nn.Module:
+        """The original model (its weights were trained in place)."""
+        return self.model._module
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int | None = None,
+    poisson_sampling: bool = True,
+    budget: BudgetGuard | None = None,
+    planned_steps: int | None = None,
+) -> PrivateTraining:
+    """Wrap for DP-SGD. ``planned_steps`` (default: one epoch) is what ``budget`` is checked for.
+
+    Raises :class:`DPIncompatibleModel` for BatchNorm models, the budget's error when the planned
+    steps would pass it, ``ValueError`` for non-positive ``max_grad_norm`` / negative noise.
+    """
+    if not max_grad_norm > 0:
+        raise ValueError("max_grad_norm must be > 0")
+    if noise_multiplier < 0:
+        raise ValueError("noise_multiplier must be >= 0")
+    check_dp_compatible(model)
+    steps_per_epoch = max(1, len(data_loader))
+    sample_rate = 1.0 / steps_per_epoch
+    if budget is not None:
+        budget.require(noise_multiplier=noise_multiplier, sampling_rate=sample_rate,
+                       steps=planned_steps if planned_steps is not None else steps_per_epoch,
+                       what="DP-SGD training")
+    if seed is not None:
+        data_loader = DataLoader(
+            data_loader.dataset, batch_size=data_loader.batch_size,
+            shuffle=isinstance(data_loader.sampler, RandomSampler),
+            num_workers=data_loader.num_workers, collate_fn=data_loader.collate_fn,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    for m in model.modules():  # opacus' backward hooks break on in-place activations
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False  # type: ignore[assignment]
+    noise_gen = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+    with warnings.catch_warnings():
+        # secure_mode (torchcsprng) is not available on edge boxes; OS-seeded torch RNG is used
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+        engine = PrivacyEngine(accountant="rdp")
+        gs_model, dp_opt, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=data_loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling, noise_generator=noise_gen,
+        )
+    return PrivateTraining(gs_model, dp_opt, dp_loader, engine, float(noise_multiplier), float(max_grad_norm),
+                           sample_rate)
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Smallest noise multiplier reaching ``target_epsilon`` at ``delta`` after ``steps`` steps (RDP)."""
+    with warnings.catch_warnings():  # the bisection probes huge multipliers ("optimal order is the largest")
+        warnings.filterwarnings("ignore", message=".*Optimal order.*")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant="rdp"))
