@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from protocol.topics import Topics, validate_id
+from protocol.topics import Kind, Topics, validate_id
 
 COORDINATOR_USER = "coordinator"
 
@@ -36,24 +36,30 @@ class _ListsAgents(Protocol):
     def list_agents(self) -> Sequence[_HasAgentId]: ...
 
 
+# Every per-agent topic kind is either written by the agent (uplink) or read by it (downlink);
+# tests check that each ``Kind`` under ``agents/{id}/`` is in exactly one of these sets, so a new
+# topic kind cannot be added without deciding who may use it.
+AGENT_WRITES: frozenset[Kind] = frozenset(
+    {Kind.STATUS, Kind.TELEMETRY, Kind.SHADOW_REPORTED, Kind.UPDATES, Kind.MODEL_REQUEST, Kind.EVENTS}
+)
+AGENT_READS: frozenset[Kind] = frozenset({Kind.TASKS, Kind.ACKS, Kind.SHADOW_DESIRED, Kind.DOWNLOADS})
+FLEET_KINDS: frozenset[Kind] = frozenset({Kind.MODEL_MANIFEST, Kind.MODEL_CHUNKS, Kind.COORDINATOR_STATUS})
+
+
+def _agent_topic(topics: Topics, agent_id: str, kind: Kind) -> str:
+    if kind is Kind.UPDATES:
+        return f"{topics.prefix}/agents/{agent_id}/{kind.value}/#"  # updates/{round}
+    return topics.agent(agent_id, kind)
+
+
 def agent_rules(topics: Topics, agent_id: str) -> list[str]:
-    """The ``topic`` lines of one agent: write its own uplink topics, read its own downlink ones."""
+    """The ``topic`` lines of one agent: write its own uplink topics, read its own downlink ones,
+    the model topics and the coordinator's status."""
     validate_id(agent_id, "agent id")
-    writes = [
-        topics.status(agent_id),
-        topics.telemetry(agent_id),
-        topics.shadow_reported(agent_id),
-        f"{topics.prefix}/agents/{agent_id}/updates/#",  # updates/{round}
-        topics.model_request(agent_id),
-        topics.events(agent_id),
-    ]
-    reads = [
-        topics.tasks(agent_id),
-        topics.acks(agent_id),
-        topics.shadow_desired(agent_id),
-        f"{topics.prefix}/models/#",
-        topics.coordinator_status(),
-    ]
+    order = list(Kind)
+    writes = [_agent_topic(topics, agent_id, k) for k in order if k in AGENT_WRITES]
+    reads = [_agent_topic(topics, agent_id, k) for k in order if k in AGENT_READS]
+    reads += [f"{topics.prefix}/models/#", topics.coordinator_status()]
     return [f"topic write {t}" for t in writes] + [f"topic read {t}" for t in reads]
 
 

@@ -12,8 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from coordinator.acl import DEPLOY_CONF, generate_acl, render_broker_config
+from coordinator.acl import AGENT_READS, AGENT_WRITES, DEPLOY_CONF, FLEET_KINDS, generate_acl, render_broker_config
 from coordinator.pki import FleetPKI, PKIError, common_name, fingerprint
+from protocol.topics import Kind
 
 CLI = Path(__file__).resolve().parent.parent / "deploy" / "pki" / "fedscan-pki"
 
@@ -94,7 +95,8 @@ def test_acl_per_agent_blocks() -> None:
         f"topic write {p}/agents/a1/shadow/reported", f"topic write {p}/agents/a1/updates/#",
         f"topic write {p}/agents/a1/models/request", f"topic write {p}/agents/a1/events",
         f"topic read {p}/agents/a1/tasks", f"topic read {p}/agents/a1/acks",
-        f"topic read {p}/agents/a1/shadow/desired", f"topic read {p}/models/#",
+        f"topic read {p}/agents/a1/shadow/desired", f"topic read {p}/agents/a1/downloads",
+        f"topic read {p}/models/#",
         f"topic read {p}/coordinator/status",
     ])
     # nothing outside user blocks: no `pattern` lines that would apply to unenrolled CNs
@@ -116,3 +118,10 @@ def test_render_broker_config_only_moves_paths_and_port(tmp_path: Path) -> None:
     assert all(ln in out.splitlines() for ln in keep)
     with pytest.raises(ValueError, match="listener"):
         render_broker_config("port 1\n", port=1, pki_dir=tmp_path, acl_file=tmp_path, state_dir=tmp_path)
+
+
+def test_every_topic_kind_has_an_acl_decision() -> None:
+    """A topic kind added to protocol.topics must be classified here, or agents lose (or gain) access."""
+    for kind in Kind:
+        owners = [kind in AGENT_WRITES, kind in AGENT_READS, kind in FLEET_KINDS]
+        assert sum(owners) == 1, kind

@@ -239,8 +239,8 @@ def test_pki_files_and_key_modes(fleet: Fleet) -> None:
 def test_valid_agent_publishes_own_topics_and_receives_own_task(fleet: Fleet, coordinator: Peer) -> None:
     agent = fleet.peer("a1").connect()
     try:
-        for topic in (T.tasks("a1"), T.acks("a1"), T.shadow_desired("a1"), f"{T.prefix}/models/#",
-                      T.coordinator_status()):
+        for topic in (T.tasks("a1"), T.acks("a1"), T.shadow_desired("a1"), T.downloads("a1"),
+                      f"{T.prefix}/models/#", T.coordinator_status()):
             assert not agent.subscribe(topic)[0].is_failure, topic
         uplinks = {
             T.status("a1"): b"online",
@@ -255,10 +255,13 @@ def test_valid_agent_publishes_own_topics_and_receives_own_task(fleet: Fleet, co
         got = coordinator.expect(b"event")
         assert {(t, p) for t, p in got} >= set(uplinks.items())
 
-        assert not coordinator.publish(T.tasks("a1"), b"task-for-a1").is_failure
+        downlinks = {T.tasks("a1"): b"task-for-a1", T.acks("a1"): b"ack", T.shadow_desired("a1"): b"desired",
+                     T.downloads("a1"): b"download", T.coordinator_status(): b"online"}
+        for topic, payload in downlinks.items():
+            assert not coordinator.publish(topic, payload).is_failure
         assert not coordinator.publish(T.model_manifest("v3"), b"manifest-v3").is_failure
         got = agent.expect(b"manifest-v3")
-        assert (T.tasks("a1"), b"task-for-a1") in got
+        assert {(t, p) for t, p in got} >= set(downlinks.items())
     finally:
         agent.close()
 
@@ -316,7 +319,8 @@ def test_agent_cannot_publish_into_or_read_another_agents_topics(fleet: Fleet, c
         assert not a2.subscribe(T.shadow_desired("a2"))[0].is_failure
         # a1 forges a2's uplinks and downlinks: every one is refused by the broker ...
         forged = [T.status("a2"), T.updates("a2", 7), T.events("a2"), T.tasks("a2"), T.shadow_desired("a2"),
-                  T.model_manifest("v666"), T.coordinator_status(), T.tasks("a1")]
+                  T.downloads("a2"), T.model_manifest("v666"), T.model_chunks("v666"), T.coordinator_status(),
+                  T.tasks("a1"), T.acks("a1"), T.downloads("a1")]
         for topic in forged:
             assert a1.publish(topic, b"forged").getName() == "Not authorized", topic
         # ... and, barrier on the same connection, never forwarded to anyone
