@@ -142,3 +142,12 @@ def running_box(
         service.batcher.stop()
         store.close()
         audit.close()
+
+
+def dicom_file(name: str) -> Path:
+    """A DICOM file pydicom ships (no download: the bundled test files only)."""
+    from pydicom.data import get_testdata_file
+
+    p = get_testdata_file(name, download=False)
+    assert isinstance(p, str), f"pydicom test file {name} not bundled"
+    return Path(p)

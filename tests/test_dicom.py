@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from test_api_helpers import ACCEPT, PROFILE, jpeg_bytes, png_bytes
+from test_api_helpers import ACCEPT, PROFILE, dicom_file, jpeg_bytes, png_bytes
 
 from learning.dicom import ImageRejected, decode, format_of
 
 
 def dcm(name: str) -> bytes:
-    return Path(get_testdata_file(name)).read_bytes()
+    return Path(dicom_file(name)).read_bytes()
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -135,6 +134,6 @@ def test_content_type_parsing() -> None:
 
 
 def test_no_identifier_in_refusal_messages() -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
     e = rejected(dcm("MR_small.dcm"), "application/dicom", PROFILE.input)
     assert str(ds.PatientName) not in str(e) and str(ds.PatientID) not in str(e)

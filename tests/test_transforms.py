@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from test_api_helpers import PROFILE, jpeg_bytes, png_bytes
+from test_api_helpers import PROFILE, dicom_file, jpeg_bytes, png_bytes
 
 from learning import transforms as T
 from learning.dicom import Image, ImageRejected, decode, decode_dataset, image_from_array
@@ -20,12 +19,12 @@ ANY = InputSection(channels=1, modalities=[])
 
 
 def dicom(name: str) -> Image:
-    return decode(Path(get_testdata_file(name)).read_bytes(), "application/dicom", ANY)
+    return decode(Path(dicom_file(name)).read_bytes(), "application/dicom", ANY)
 
 
 def test_rescale_is_the_modality_lut() -> None:
     img = dicom("CT_small.dcm")
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
     out = T.dicom_rescale()(img)
     np.testing.assert_allclose(out.pixels[0, :, :, 0], apply_modality_lut(ds.pixel_array, ds))
     assert float(ds.RescaleIntercept) == -1024 and out.pixels.min() < 0  # Hounsfield units
@@ -34,12 +33,12 @@ def test_rescale_is_the_modality_lut() -> None:
 
 def test_window_from_the_file_uses_its_voi_lut() -> None:
     img = dicom("MR_small.dcm")  # WindowCenter 600, WindowWidth 1600
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
     out = T.window()(T.dicom_rescale()(img))
     voi = apply_voi_lut(ds.pixel_array.astype(np.float32), ds)
     lo, hi = -(2**15), 2**15 - 1  # pydicom's windowing output range for signed 16-bit
     np.testing.assert_allclose(out.pixels[0, :, :, 0], (voi - lo) / (hi - lo), atol=1e-6)
-    assert out.unit and 0.0 <= out.pixels.min() and out.pixels.max() <= 1.0
+    assert out.unit and out.pixels.min() >= 0.0 and out.pixels.max() <= 1.0
 
 
 def test_window_explicit_center_width_and_minmax_fallback() -> None:
@@ -58,14 +57,14 @@ def test_png_pixels_are_presentation_values_window_leaves_them() -> None:
 
 
 def test_monochrome1_is_inverted_after_the_voi_lut() -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
     steps = [{"op": "dicom_rescale"}, {"op": "invert_monochrome1"}, {"op": "window"}]
     mono2 = T.build_pipeline(steps)(decode_dataset(ds, ANY))
     ds.PhotometricInterpretation = "MONOCHROME1"
     mono1 = T.build_pipeline(steps)(decode_dataset(ds, ANY))
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
     # invert listed after window acts at once, with the same result
-    ds2 = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds2 = pydicom.dcmread(dicom_file("MR_small.dcm"))
     ds2.PhotometricInterpretation = "MONOCHROME1"
     late = T.build_pipeline([{"op": "dicom_rescale"}, {"op": "window"}, {"op": "invert_monochrome1"}])
     np.testing.assert_allclose(late(decode_dataset(ds2, ANY)), mono1, atol=1e-6)
@@ -73,7 +72,7 @@ def test_monochrome1_is_inverted_after_the_voi_lut() -> None:
 
 def test_select_frame_middle_index_and_refusals() -> None:
     img = dicom("rtdose.dcm")  # 15 frames
-    frames = pydicom.dcmread(get_testdata_file("rtdose.dcm")).pixel_array
+    frames = pydicom.dcmread(dicom_file("rtdose.dcm")).pixel_array
     assert img.frames == 15
     np.testing.assert_array_equal(T.select_frame()(img).pixels[0, :, :, 0], frames[7])
     np.testing.assert_array_equal(T.select_frame(3)(img).pixels[0, :, :, 0], frames[3])
