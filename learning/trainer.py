@@ -344,9 +344,13 @@ def train_local(
             planned = int(min(max_steps, cfg.local_epochs * math.ceil(n / cfg.batch_size)))
             epoch_start_state = gen.get_state()
 
+            saved_at = steps if ck is not None else -1  # the file on disk already holds this position
+
             def save(ep: int, b: int, gen_state: torch.Tensor) -> None:
-                if ck_path is None:
+                nonlocal saved_at
+                if ck_path is None or saved_at == steps:
                     return
+                saved_at = steps
                 TrainingCheckpoint(
                     fingerprint=fingerprint, epoch=ep, batch_index=b, steps=steps, samples_seen=samples,
                     loss_sum=loss_sum, model_state={k: v.detach().clone() for k, v in model.state_dict().items()},

@@ -158,7 +158,9 @@ def test_pause_mid_epoch_then_resume_is_bit_identical(
     assert res.loss == ref_res.loss
 
 
-def test_cancel_while_paused_then_restart(tmp_path: Path, reference: tuple[nn.Module, TrainResult]) -> None:
+def test_cancel_while_paused_then_restart(
+    tmp_path: Path, reference: tuple[nn.Module, TrainResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ck = tmp_path / "c.ckpt"
     hook = PauseHook(should_pause=lambda: True)  # an external gate, e.g. inference queued
     hook.cancel()
@@ -166,7 +168,21 @@ def test_cancel_while_paused_then_restart(tmp_path: Path, reference: tuple[nn.Mo
         run(pause=hook, checkpoint_path=ck)
     saved = TrainingCheckpoint.load(ck)
     assert saved is not None and saved.steps == 0
-    model, res = run(checkpoint_path=ck)
+
+    # restart; the gate is shut once more before the first batch: the checkpoint on disk already
+    # holds this position, so only the three end-of-epoch checkpoints get written
+    writes: list[int] = []
+    real_save = TrainingCheckpoint.save
+
+    def counting_save(self: TrainingCheckpoint, path: str | Path) -> None:
+        writes.append(self.steps)
+        real_save(self, path)
+
+    monkeypatch.setattr(TrainingCheckpoint, "save", counting_save)
+    checks = iter([True])
+    gate = PauseHook(should_pause=lambda: next(checks, False), poll_s=0.001)
+    model, res = run(checkpoint_path=ck, pause=gate)
+    assert writes == [8, 16, 24]
     assert res.resumed_from_step == 0 and res.steps == 24
     assert_same_weights(reference[0], model)
 
