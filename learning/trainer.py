@@ -342,8 +342,6 @@ def train_local(
 
             max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
             planned = int(min(max_steps, cfg.local_epochs * math.ceil(n / cfg.batch_size)))
-            epoch_start_state = gen.get_state()
-
             saved_at = steps if ck is not None else -1  # the file on disk already holds this position
 
             def save(ep: int, b: int, gen_state: torch.Tensor) -> None:
