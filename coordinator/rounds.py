@@ -66,6 +66,12 @@ class ModelSpec:
     preprocessing: list[dict[str, Any]] = field(default_factory=list)
 
 
+def round_training(base: TrainingConfig, strategy: Strategy, seed: int, round_id: int) -> TrainingConfig:
+    """The training config sent with a round's tasks: the strategy's overrides and a per-round seed."""
+    update = {"seed": seed * 100_003 + round_id, **strategy.configure_round(round_id)}
+    return TrainingConfig.model_validate({**base.model_dump(), **update})
+
+
 def version_name(round_id: int) -> str:
     return f"v{round_id}"
 
@@ -225,9 +231,7 @@ class Coordinator:
         self._aggregate(round_id)
 
     def _task_training(self, round_id: int) -> TrainingConfig:
-        overrides = self.strategy.configure_round(round_id)
-        cfg = self.settings.training.model_copy(update={"seed": self.settings.seed * 100_003 + round_id, **overrides})
-        return TrainingConfig.model_validate(cfg.model_dump())
+        return round_training(self.settings.training, self.strategy, self.settings.seed, round_id)
 
     def _announce(self, round_id: int, base_version: str, deadline: float) -> None:
         task = Task(
@@ -265,8 +269,10 @@ class Coordinator:
                                  manifest=manifest.model_dump(mode="json"), participants=participants, state="active")
         except DuplicateError:
             log.info("round %d: model %s was already recorded before a restart", round_id, version)
+        traffic = self.transport.traffic
         self.store.set_round_status(round_id, "complete", result_version=version,
-                                    detail={"metrics": manifest.metrics, "aggregation": _jsonable(report.details)})
+                                    detail={"metrics": manifest.metrics, "aggregation": _jsonable(report.details),
+                                            "traffic": {"rx_bytes": traffic.rx_bytes, "tx_bytes": traffic.tx_bytes}})
         self._publish_model(version)
         log.info("round %d complete: %s from %s, %s", round_id, version, participants,
                  {k: round(v, 4) for k, v in manifest.metrics.items()})

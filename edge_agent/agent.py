@@ -34,6 +34,11 @@ from protocol.transport import Transport
 log = logging.getLogger("fedscan.agent")
 
 
+def agent_seed(round_seed: int, agent_id: str) -> int:
+    """The local training seed of one agent in one round: distinct per agent, reproducible."""
+    return (round_seed * 1_000_003 + int(hashlib.sha256(agent_id.encode()).hexdigest()[:8], 16)) % (2**31)
+
+
 @dataclass
 class AgentSettings:
     agent_id: str
@@ -230,9 +235,6 @@ class EdgeAgent:
         self._report(version)
 
     # -- training and upload -----------------------------------------------------------------------
-    def _seed_for(self, seed: int) -> int:
-        return (seed * 1_000_003 + int(hashlib.sha256(self.s.agent_id.encode()).hexdigest()[:8], 16)) % (2**31)
-
     def _handle_task(self, task: Task, stop: threading.Event) -> None:
         outbox = self.s.state_dir / "outbox" / f"round-{task.round_id}.fsuf"
         if task.round_id in self._done_rounds:
@@ -263,7 +265,7 @@ class EdgeAgent:
         manifest = self.installer.manifest(task.base_version)
         model = build_from_manifest(manifest, base)
         model.train()
-        cfg = task.training.model_copy(update={"seed": self._seed_for(task.training.seed)})
+        cfg = task.training.model_copy(update={"seed": agent_seed(task.training.seed, self.s.agent_id)})
         assert self.dataset is not None
         t0 = time.perf_counter()
         result = train_local(model, self.dataset, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,

@@ -1,0 +1,173 @@
+"""The ``fedscan`` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config,
+3 broker unreachable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from protocol.errors import TransportError
+from protocol.profile import ProfileError, find_profile
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedscan: federated learning for imaging edge boxes")
+
+EXIT_RUNTIME, EXIT_CONFIG, EXIT_BROKER = 1, 2, 3
+
+
+def _logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else getattr(logging, os.environ.get("FEDSCAN_LOG", "INFO").upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    for noisy in ("amqtt", "transitions", "alembic", "paho"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _profile(name: str):  # type: ignore[no-untyped-def]
+    try:
+        return find_profile(name)
+    except ProfileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+@app.command()
+def enroll(
+    agent_id: str,
+    profile: Annotated[str, typer.Option(help="firmware profile name or YAML path")] = "xray-cxr-28",
+    tags: Annotated[str, typer.Option(help="comma-separated cohort tags")] = "",
+    state: Annotated[Path, typer.Option(help="coordinator state folder")] = Path("fedscan-state"),
+    store_url: Annotated[str | None, typer.Option(help="database URL (default: SQLite in --state)")] = None,
+    cert_fingerprint: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Make an agent known to the coordinator (its MQTT client id must equal AGENT_ID)."""
+    from coordinator.store import open_store
+    from protocol.topics import validate_id
+
+    _logging(False)
+    p = _profile(profile)
+    try:
+        validate_id(agent_id, "agent id")
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    state.mkdir(parents=True, exist_ok=True)
+    store = open_store(store_url or f"sqlite:///{state / 'state.db'}")
+    rec = store.enroll_agent(agent_id, p.name, [t for t in tags.split(",") if t], cert_fingerprint)
+    typer.echo(f"enrolled {rec.agent_id} (profile {rec.profile}, tags {rec.tags})")
+
+
+@app.command()
+def coordinator(
+    state: Annotated[Path, typer.Option()] = Path("fedscan-state"),
+    broker: Annotated[str, typer.Option(help="HOST:PORT")] = "127.0.0.1:1883",
+    profile: Annotated[str, typer.Option()] = "xray-cxr-28",
+    val_data: Annotated[Path | None, typer.Option(help="MedMNIST npz whose val split the coordinator holds")] = None,
+    rounds: int = 5,
+    min_clients: int = 2,
+    deadline: Annotated[float, typer.Option(help="seconds per round")] = 600.0,
+    strategy: str = "fedavg",
+    local_epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    prox_mu: float = 0.0,
+    max_steps: int | None = None,
+    codec: str = "raw",
+    seed: int = 0,
+    fleet: str = "default",
+    store_url: str | None = None,
+    threads: int | None = None,
+    verbose: bool = False,
+) -> None:
+    """Run federated rounds until ROUNDS are complete (resumes after a restart)."""
+    from fedscan.compose import CoordinatorConfig, run_coordinator
+    from protocol.messages import TrainingConfig
+
+    _logging(verbose)
+    cfg = CoordinatorConfig(
+        state_dir=state, broker=broker, profile=_profile(profile), val_data=val_data, rounds=rounds,
+        min_clients=min_clients, deadline_s=deadline, strategy=strategy,
+        training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
+                                max_steps=max_steps),
+        codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
+    )
+    _run(lambda: run_coordinator(cfg))
+
+
+@app.command()
+def agent(
+    id: Annotated[str, typer.Option("--id", help="agent id = MQTT client id")],
+    broker: Annotated[str, typer.Option(help="HOST:PORT")] = "127.0.0.1:1883",
+    profile: Annotated[str, typer.Option()] = "xray-cxr-28",
+    state: Annotated[Path, typer.Option()] = Path("agent-state"),
+    data: Annotated[Path | None, typer.Option(help="MedMNIST npz (train split = this site's images)")] = None,
+    indices: Annotated[Path | None, typer.Option(help=".npy of this site's indices into the train split")] = None,
+    threads: int | None = None,
+    fleet: str = "default",
+    verbose: bool = False,
+) -> None:
+    """Run an edge agent: train on local images, upload updates, install models."""
+    from fedscan.compose import AgentConfig, run_agent
+
+    _logging(verbose)
+    cfg = AgentConfig(agent_id=id, broker=broker, profile=_profile(profile), state_dir=state, data=data,
+                      indices=indices, threads=threads, fleet=fleet)
+    _run(lambda: run_agent(cfg))
+
+
+@app.command(name="broker")
+def broker_cmd(port: int = 1883) -> None:
+    """Run the embedded pure-Python MQTT broker (amqtt) on 127.0.0.1:PORT."""
+    from fedscan.broker import run_embedded
+
+    _logging(False)
+    run_embedded(port)
+
+
+@app.command()
+def demo(
+    out: Path = Path("demo-out"),
+    data: Annotated[str | None, typer.Option(help="MedMNIST-format npz (default: ../shared/data/pneumoniamnist.npz)")
+                    ] = None,
+    profile: str = "xray-cxr-28",
+    agents: int = 4,
+    rounds: int = 8,
+    local_epochs: int = 1,
+    alpha: float = 0.5,
+    seed: int = 0,
+    strategy: str = "fedavg",
+    codec: str = "raw",
+    broker: Annotated[str, typer.Option(help="auto | mosquitto | embedded")] = "auto",
+    verbose: bool = False,
+) -> None:
+    """Broker + coordinator + N agents as processes, R rounds, baselines, report and plot."""
+    from fedscan.demo import DemoConfig, run_demo
+
+    _logging(verbose)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    cfg = DemoConfig(out=out, data=data, profile=profile, agents=agents, rounds=rounds, local_epochs=local_epochs,
+                     alpha=alpha, seed=seed, strategy=strategy, codec=codec, broker=broker)
+    _run(lambda: run_demo(cfg))
+
+
+def _run(fn) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except TransportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BROKER) from exc
+    except (ValueError, ProfileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
