@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge_agent.telemetry import ResourceSample
-from protocol.profile import ResourceGates, TrainingWindow
+from protocol.profile import FirmwareProfile, ResourceGates, TrainingWindow
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,11 @@ class GateController:
         self._thread: threading.Thread | None = None
         if hook is not None:
             self.attach(hook)
+
+    @classmethod
+    def from_profile(cls, profile: FirmwareProfile, **kwargs: Any) -> GateController:
+        """Gates and window from a firmware profile (either section may be absent: no limit)."""
+        return cls(profile.resource_gates, profile.training_window, **kwargs)
 
     # -- inputs ---------------------------------------------------------------------------------
     def attach(self, hook: PauseHookLike) -> None:

@@ -111,6 +111,19 @@ class AgentMetrics:
         if loss is not None:
             self.training_loss.set(loss)
 
+    def on_train_progress(self, steps_done: int, steps_planned: int, loss: float) -> None:
+        """Matches ``learning.trainer.Progress``: pass as ``train_local(..., progress=metrics.on_train_progress)``."""
+        with self._lock:
+            self._steps_total = float(steps_planned)
+        self.training_steps_total.set(steps_planned)
+        self.training_step_done(steps_done, loss)
+
+    def on_gate_change(self, paused: bool, reasons: list[str]) -> None:
+        """Matches ``GateController(on_change=...)``: pause state, gate gauge and pause reason."""
+        by_inference = any("inference" in r for r in reasons)
+        self.gates_open.set(0 if paused and not by_inference else 1)
+        self.training_paused_changed(paused, "inference" if by_inference else "gate")
+
     def training_paused_changed(self, paused: bool, reason: str = "gate") -> None:
         with self._lock:
             if self._state in ("running", "paused"):

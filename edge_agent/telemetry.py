@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 
 from protocol.messages import Telemetry
+from protocol.profile import FirmwareProfile
 from protocol.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,11 @@ def encode_telemetry(message: Telemetry) -> bytes:
     data = message.model_dump(exclude_none=True)
     out = {k: _compact(v, k) for k, v in data.items() if not (isinstance(v, dict | list) and not v)}
     return json.dumps(out, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def period_from_profile(profile: FirmwareProfile, default: float = 5.0) -> float:
+    """The profile's ``telemetry.period_s``, else ``default``."""
+    return profile.telemetry.period_s if profile.telemetry is not None else default
 
 
 class TelemetryPublisher:

@@ -121,6 +121,9 @@ def test_gates_from_a_shipped_profile() -> None:
     night, day = at(2, 23), at(2, 11)
     assert gates_open(sample(), profile.resource_gates, night, profile.training_window)[0]
     assert not gates_open(sample(), profile.resource_gates, day, profile.training_window)[0]
+    ctl = GateController.from_profile(profile, wallclock=lambda: day)
+    ctl.observe(sample())
+    assert ctl.paused and ctl.reasons[0].startswith("outside training window 19:00-06:00")
 
 
 # -- controller -------------------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def test_real_training_pauses_for_diagnosis_load_and_ends_bit_identical(pneumoni
     metrics = AgentMetrics()
     hook = PauseHook()
     ctl = GateController(ResourceGates(max_cpu_percent=100, max_gpu_percent=100), None, hook=hook, quiet_s=0.5,
-                         tick_s=0.02, on_change=lambda p, r: metrics.training_paused_changed(p, "inference"))
+                         tick_s=0.02, on_change=metrics.on_gate_change)
     publisher = TelemetryPublisher(TelemetrySampler(), transport, Topics("g").telemetry("box-gates"), period_s=0.2)
     publisher.listeners.append(ctl.observe)
     publisher.publish_once()
@@ -285,8 +288,11 @@ def test_real_training_pauses_for_diagnosis_load_and_ends_bit_identical(pneumoni
     result: dict[str, object] = {}
 
     def run() -> None:
-        result["r"] = train_local(model, ds, cfg, threads=1, pause=hook,
-                                  progress=lambda s, n, loss: steps.append((time.monotonic(), s)))
+        def progress(step: int, planned: int, loss: float) -> None:
+            steps.append((time.monotonic(), step))
+            metrics.on_train_progress(step, planned, loss)
+
+        result["r"] = train_local(model, ds, cfg, threads=1, pause=hook, progress=progress)
 
     trainer = threading.Thread(target=run)
     trainer.start()
@@ -316,7 +322,9 @@ def test_real_training_pauses_for_diagnosis_load_and_ends_bit_identical(pneumoni
     assert [t for t in during if last_before_pause < t < load_end] == []
     assert after and min(after) >= load_end + 0.4, "resumes only after the 0.5 s quiet period"
     assert hook.pauses >= 1 and not hook.paused
-    assert metrics.registry.get_sample_value("fedscan_training_pauses_total", {"reason": "inference"}) == ctl.pauses >= 1
+    # one burst of requests -> exactly one pause, no flapping between requests 30 ms apart
+    assert metrics.registry.get_sample_value("fedscan_training_pauses_total", {"reason": "inference"}) == 1
     assert len(steps) == base_result.steps
+    assert metrics.registry.get_sample_value("fedscan_training_step") == base_result.steps
     for (name, a), (_, b) in zip(baseline.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(a, b), f"{name} differs from the uninterrupted run"
