@@ -280,23 +280,32 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            first = self._next(None)
-            if first is None:
-                continue
-            batch = [first]
-            deadline = time.perf_counter() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                left = deadline - time.perf_counter()
-                if self._q.empty() and (left <= 0 or self._incoming <= 0):
-                    break
-                job = self._next(max(left, 0.0))
-                if job is None:
-                    break
-                if job.model is not first.model:
-                    self._held = job  # a different model (a swap happened): next batch
-                    break
+            try:
+                self._one_batch()
+            except Exception:  # the worker must outlive any one batch
+                log.exception("micro-batcher iteration failed")
+
+    def _one_batch(self) -> None:
+        first = self._next(None)
+        while first is not None and not first.future.set_running_or_notify_cancel():
+            first = self._next(0.0)  # its caller gave up (timeout, disconnect): skip it
+        if first is None:
+            return
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            left = deadline - time.perf_counter()
+            if self._q.empty() and (left <= 0 or self._incoming <= 0):
+                break
+            job = self._next(max(left, 0.0))
+            if job is None:
+                break
+            if job.model is not first.model:
+                self._held = job  # a different model (a swap happened): next batch
+                break
+            if job.future.set_running_or_notify_cancel():
                 batch.append(job)
-            self._infer(batch)
+        self._infer(batch)
 
     def _infer(self, batch: list[_Job]) -> None:
         model = batch[0].model
@@ -365,13 +374,16 @@ class Diagnosis:
 
 
 InferenceHook = Callable[[], None]
+ResultHook = Callable[[float, str], None]  # (latency_s, outcome: ok | rejected | error)
 
 
 class DiagnosisService:
     """decode → preprocess → micro-batched inference → calibrate → store → audit.
 
     ``on_inference_request`` callbacks run at the start of every diagnosis (the trainer pauses
-    on them, issue 8); a failing callback is logged and never fails the request.
+    on them, issue 8); ``on_result`` callbacks get ``(latency_s, outcome)`` at its end, outcome
+    ``ok``, ``rejected`` (bad input, overloaded, not ready) or ``error`` (the shape of
+    ``AgentMetrics.observe_inference``). A failing callback is logged, never fails the request.
     """
 
     def __init__(
@@ -383,6 +395,7 @@ class DiagnosisService:
         accept: InputSection,
         *,
         on_inference_request: list[InferenceHook] | None = None,
+        on_result: list[ResultHook] | None = None,
         timeout_s: float = 30.0,
     ) -> None:
         self.served = served
@@ -391,6 +404,7 @@ class DiagnosisService:
         self.audit = audit
         self.accept = accept
         self.on_inference_request: list[InferenceHook] = on_inference_request if on_inference_request is not None else []
+        self.on_result: list[ResultHook] = on_result if on_result is not None else []
         self.timeout_s = timeout_s
 
     # stages
@@ -440,7 +454,15 @@ class DiagnosisService:
         ))
         return diag
 
-    def _refused(self, exc: Exception, caller: str, source: str) -> None:
+    def _report(self, start: float, outcome: str) -> None:
+        latency = time.perf_counter() - start
+        for fn in list(self.on_result):
+            try:
+                fn(latency, outcome)
+            except Exception:
+                log.exception("on_result callback failed")
+
+    def _refused(self, exc: Exception, caller: str, source: str, start: float) -> None:
         if isinstance(exc, ImageRejected):
             reason, code = exc.reason, exc.status_code
         elif isinstance(exc, Overloaded):
@@ -448,7 +470,8 @@ class DiagnosisService:
         elif isinstance(exc, NotReady):
             reason, code = "not_ready", 503
         else:
-            reason, code = "inference_failed", 500
+            reason, code = ("inference_timeout", 504) if isinstance(exc, TimeoutError) else ("inference_failed", 500)
+        self._report(start, "error" if code >= 500 and code != 503 else "rejected")
         m = self.served._current
         self.audit.append(AuditRecord(
             event="rejected", caller=caller, source=source, reason=reason, status_code=code,
@@ -472,12 +495,13 @@ class DiagnosisService:
                 None, self._finish, model, img, x, res, timings, caller, source, _base_type(content_type)
             )
         except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:
-            self._refused(exc, caller, source)
+            self._refused(exc, caller, source, start)
             raise
         finally:
             if expected:
                 self.batcher.expect(-1)
         diag.timings.total_ms = (time.perf_counter() - start) * 1e3
+        self._report(start, "ok")
         return diag
 
     def diagnose(self, data: bytes, content_type: str | None, caller: str, source: str = "dicom") -> Diagnosis:
@@ -494,12 +518,13 @@ class DiagnosisService:
             res = fut.result(timeout=self.timeout_s)
             diag = self._finish(model, img, x, res, timings, caller, source, _base_type(content_type))
         except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:
-            self._refused(exc, caller, source)
+            self._refused(exc, caller, source, start)
             raise
         finally:
             if expected:
                 self.batcher.expect(-1)
         diag.timings.total_ms = (time.perf_counter() - start) * 1e3
+        self._report(start, "ok")
         return diag
 
 

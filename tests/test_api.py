@@ -228,6 +228,23 @@ def test_overloaded_queue_answers_503_with_retry_after(tmp_path: Path, images: n
             assert post_image(c, box, data, "image/png").status_code == 200  # and it serves on
 
 
+def test_timeout_answers_504_and_the_batcher_survives(tmp_path: Path, images: np.ndarray) -> None:
+    outcomes: list[str] = []
+    with running_box(tmp_path, max_batch=1, max_wait_ms=0) as box, httpx.Client(timeout=30) as c:
+        box.service.on_result.append(lambda s, o: outcomes.append(o))
+        install(box.served, "slow", seed=1, delay_s=0.4)
+        box.service.timeout_s = 0.1
+        data = png_bytes(images[0])
+        r = post_image(c, box, data, "image/png")
+        assert (r.status_code, r.json()["detail"]["reason"]) == (504, "inference_timeout")
+        box.service.timeout_s = 30
+        install(box.served, "fast", seed=1)
+        r = post_image(c, box, data, "image/png")  # the abandoned job did not kill the worker
+        assert r.status_code == 200 and r.json()["model_version"] == "fast"
+        assert post_image(c, box, b"junk", "image/png").status_code == 400
+    assert outcomes == ["error", "ok", "rejected"]
+
+
 def test_model_swap_under_load_drops_no_request(tmp_path: Path, images: np.ndarray) -> None:
     with running_box(tmp_path, max_batch=8, max_wait_ms=2) as box:
         first = box.served.current().engine

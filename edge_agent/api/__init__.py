@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 from edge_agent.api.routes import health, router
 from edge_agent.api.settings import ApiSettings
 from edge_agent.audit import AuditLog
-from edge_agent.serving import DiagnosisService, InferenceHook, MicroBatcher, ServedModel
+from edge_agent.serving import DiagnosisService, InferenceHook, MicroBatcher, ResultHook, ServedModel
 from edge_agent.store import LocalStore
 from protocol.profile import InputSection, ServingSection
 
@@ -27,6 +27,7 @@ def create_app(
     serving: ServingSection | None = None,
     service: DiagnosisService | None = None,
     on_inference_request: list[InferenceHook] | None = None,
+    on_result: list[ResultHook] | None = None,
     extra_routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The inference app. Pass ``service`` to share one batcher with the DICOM SCP; otherwise
@@ -34,6 +35,8 @@ def create_app(
 
     ``on_inference_request`` is the list of callbacks run on every diagnose request (the
     trainer pauses on it); the same list object is kept, so callbacks added later count.
+    ``on_result`` callbacks get ``(latency_s, outcome)`` per request (e.g. the agent's
+    ``AgentMetrics.observe_inference``); ``extra_routers`` mounts e.g. its ``/metrics`` router.
     The app starts the batcher when it starts and stops it when it stops, unless it was given
     a ``service`` (then whoever built the service owns the batcher).
     """
@@ -41,11 +44,14 @@ def create_app(
     if service is None:
         service = DiagnosisService(
             served, MicroBatcher.from_profile(serving, settings.retry_after_s), store, audit,
-            accept or InputSection(), on_inference_request=on_inference_request,
+            accept or InputSection(), on_inference_request=on_inference_request, on_result=on_result,
             timeout_s=settings.request_timeout_s,
         )
-    elif on_inference_request is not None:
-        service.on_inference_request = on_inference_request
+    else:
+        if on_inference_request is not None:
+            service.on_inference_request = on_inference_request
+        if on_result is not None:
+            service.on_result = on_result
     svc = service
 
     @asynccontextmanager

@@ -124,10 +124,7 @@ def _study_out(r: StudyRecord) -> StudyOut:
 )
 async def diagnose(request: Request, caller: Caller, service: Service, settings: Settings) -> DiagnosisOut:
     retry = {"Retry-After": str(settings.retry_after_s)}
-    try:
-        data, ctype = await _read_body(request, service.accept.max_bytes)
-    except ImageRejected as exc:  # pragma: no cover - _read_body raises HTTPException
-        raise http_error(exc.status_code, exc.reason, exc.message) from exc
+    data, ctype = await _read_body(request, service.accept.max_bytes)
     try:
         d = await service.diagnose_async(data, ctype, caller=caller, source="http")
     except ImageRejected as exc:
