@@ -156,15 +156,22 @@ class ServedModel:
         )
         return self.swap_loaded(new)
 
-    def swap_manifest(self, manifest: Manifest, engine: InferenceEngine) -> LoadedModel | None:
-        """``swap`` with everything but the engine taken from a verified manifest."""
+    def swap_manifest(
+        self,
+        manifest: Manifest,
+        engine: InferenceEngine,
+        *,
+        default_preprocessing: Sequence[PreprocessStep | Mapping[str, Any]] = (),
+    ) -> LoadedModel | None:
+        """``swap`` with everything but the engine taken from a verified manifest; when the
+        manifest lists no preprocessing, the box's profile steps (``default_preprocessing``)."""
         return self.swap(
             version=manifest.version,
             engine=engine,
             classes=manifest.classes,
             input=manifest.input,
             temperature=manifest.calibration.temperature if manifest.calibration else None,
-            preprocessing=manifest.preprocessing,
+            preprocessing=manifest.preprocessing or default_preprocessing,
         )
 
     def swap_loaded(self, new: LoadedModel) -> LoadedModel | None:

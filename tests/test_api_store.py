@@ -82,3 +82,29 @@ def test_settings_refuse_insecure_defaults() -> None:
     assert set(s.tokens) == {"ward", "ct"} and "0123456789abcdef0" not in repr(s)
     with pytest.raises(ValueError, match="name:token"):
         ApiSettings.from_env({"FEDSCAN_API_TOKENS": "justatoken"})
+
+
+def test_swap_manifest_takes_calibration_and_falls_back_to_profile_steps() -> None:
+    from test_api_helpers import CLASSES, INPUT_SPEC, PROFILE, TorchTestEngine, make_model
+
+    from edge_agent.serving import NotReady, ServedModel, softmax
+    from learning.dicom import image_from_array
+    from protocol.manifest import Architecture, Calibration, Manifest
+
+    served = ServedModel()
+    with pytest.raises(NotReady):
+        served.current()
+    seen: list[str] = []
+    served.add_listener(lambda m: seen.append(m.version))
+    m = Manifest(version="g7", architecture=Architecture(name="small_cnn"), classes=list(CLASSES), input=INPUT_SPEC,
+                 tensors=[], tensor_hash="0" * 64, calibration=Calibration(temperature=2.5))
+    engine = TorchTestEngine(make_model(7))
+    assert served.swap_manifest(m, engine, default_preprocessing=PROFILE.preprocessing) is None
+    cur = served.current()
+    assert (cur.version, cur.temperature, cur.calibrated, seen) == ("g7", 2.5, True, ["g7"])
+    x = cur.preprocess(image_from_array(np.zeros((40, 30), np.uint8)))
+    assert x.shape == (1, 28, 28)
+    p = softmax(engine.predict(x[None]), 2.5)
+    assert p.shape == (1, 2) and abs(float(p.sum()) - 1) < 1e-9
+    prev = served.swap(version="g8", engine=engine, classes=CLASSES, input=INPUT_SPEC)
+    assert prev is cur and served.current().calibrated is False and served.current().temperature == 1.0
