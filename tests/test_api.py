@@ -316,3 +316,30 @@ def test_end_to_end_latency_over_http(box: Box, images: np.ndarray) -> None:
           f"{sorted(lat)[int(0.9 * len(lat))]:.1f} ms (n={len(lat)})")
     (box.root / "latency.json").write_text(json.dumps({"median_ms": med, "n": len(lat)}))
     assert med < 500
+
+
+def test_create_app_builds_and_owns_its_batcher(tmp_path: Path, images: np.ndarray) -> None:
+    from test_api_helpers import TOKEN, serve_http
+
+    from edge_agent.api import ApiSettings, create_app
+    from edge_agent.audit import AuditLog
+    from edge_agent.serving import ServedModel
+    from edge_agent.store import LocalStore
+
+    served = ServedModel()
+    install(served, "v1", seed=1)
+    store, audit = LocalStore(tmp_path / "s"), AuditLog(tmp_path / "a.jsonl")
+    pauses: list[int] = []
+    app = create_app(ApiSettings(tokens={"ward": TOKEN}), served, store, audit, accept=ACCEPT,
+                     serving=PROFILE.serving, on_inference_request=[lambda: pauses.append(1)])
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with serve_http(app) as url, httpx.Client() as c:
+        r = c.post(f"{url}/v1/diagnose", content=png_bytes(images[0]), headers={**auth, "Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["model_version"] == "v1"
+        r = c.post(f"{url}/v1/diagnose", files={"other": ("x", b"1", "text/plain")}, headers=auth)
+        assert (r.status_code, r.json()["detail"]["reason"]) == (422, "missing_file")
+        assert app.state.service.batcher.running and app.state.service.batcher.max_batch == 8
+    assert pauses == [1] and not app.state.service.batcher.running
+    assert [rec["caller"] for rec in audit.records()] == ["ward"]
+    store.close()
+    audit.close()

@@ -66,6 +66,7 @@ def create_app(
     app = FastAPI(title=settings.title, version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.service = svc
+    app.state.on_inference_request = svc.on_inference_request  # the trainer appends its pause here
     app.include_router(health)
     app.include_router(router, tags=["diagnosis"])
     for r in extra_routers:

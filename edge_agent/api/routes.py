@@ -34,7 +34,7 @@ health = APIRouter(tags=["health"])
 StudyId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the box's random study id")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    c: {"model": ErrorOut} for c in (400, 401, 404, 413, 415, 422, 500, 503, 504)
+    c: {"model": ErrorOut} for c in (400, 401, 404, 411, 413, 415, 422, 500, 503, 504)
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _DIAGNOSE_BODY = {
@@ -73,6 +73,8 @@ async def _read_body(request: Request, limit: int) -> tuple[bytes, str | None]:
     if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
         raise http_error(413, "too_large", f"{length} bytes exceed the limit of {limit}")
     if (declared or "").lower().startswith("multipart/form-data"):
+        if length is None:  # the form parser spools files to disk: bound it by the declared length
+            raise http_error(411, "length_required", "a multipart upload needs a Content-Length")
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
