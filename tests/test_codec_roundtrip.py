@@ -265,3 +265,23 @@ def test_block_larger_than_tensor_is_one_block() -> None:
     small = _roundtrip("q:8", t, seed=4)
     assert all(np.array_equal(big[k], small[k]) for k in t)
     assert parse_codec(f"q:8:block={2**24}").encode(t, seed=4) == parse_codec("q:8").encode(t, seed=4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["raw", "raw|zstd", "delta|zstd", "delta|q:8|zstd", "delta|topk:0.5|ef|q:4", "topk:0.5:global|ef|sign", "q:2|ef"],
+)
+def test_empty_and_scalar_tensors(spec: str) -> None:
+    t = {
+        "empty": np.zeros((0, 3), np.float32),
+        "scalar": np.array(-1.25, np.float32),
+        "v": np.array([0.5, -2.0, 1.0], np.float32),
+    }
+    base = {k: np.zeros_like(v) for k, v in t.items()}
+    out = _roundtrip(spec, t, base if parse_codec(spec).needs_base else None, seed=2)
+    assert out["empty"].shape == (0, 3)
+    assert out["scalar"].shape == ()
+    if "topk" not in spec:
+        assert float(out["scalar"]) == -1.25  # a lone element is its own scale: exact
+    p = parse_codec(spec)
+    assert p.decode(p.encode({}, base={}, state=ErrorFeedbackState()), specs=[], base={}) == {}
