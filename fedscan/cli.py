@@ -80,9 +80,11 @@ def coordinator(
     fleet: str = "default",
     store_url: str | None = None,
     threads: int | None = None,
+    exit_when_done: Annotated[bool, typer.Option(help="exit after the last round instead of serving on")] = False,
     verbose: bool = False,
 ) -> None:
-    """Run federated rounds until ROUNDS are complete (resumes after a restart)."""
+    """Run federated rounds until ROUNDS are complete (resumes after a restart), then keep serving
+    models and fleet state until stopped."""
     from fedscan.compose import CoordinatorConfig, run_coordinator
     from protocol.messages import TrainingConfig
 
@@ -93,6 +95,7 @@ def coordinator(
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                 max_steps=max_steps),
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
+        exit_when_done=exit_when_done,
     )
     _run(lambda: run_coordinator(cfg))
 

@@ -95,6 +95,7 @@ class CoordinatorConfig:
     fleet: str = "default"
     store_url: str | None = None
     threads: int | None = None
+    exit_when_done: bool = False
 
 
 def run_coordinator(cfg: CoordinatorConfig) -> int:
@@ -123,6 +124,9 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     coord.start()
     try:
         coord.run(stop)
+        if not cfg.exit_when_done and not stop.is_set():
+            log.info("all %d rounds complete; serving models and fleet state until stopped", cfg.rounds)
+            stop.wait()
     finally:
         transport.close(graceful_payload=(topics.coordinator_status(), offline))
         store.close()

@@ -138,8 +138,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from coordinator.model_repo import ModelRepository
 
     repo = ModelRepository(coord_dir / "models")
-    rounds_done = [r for r in (store.get_round(i) for i in range(1, cfg.rounds + 1)) if r and r.status == "complete"]
-    fed_curve = [experiments.test_metrics(spec, repo.tensors(r.result_version or ""), splits["test"])
+    last = store.latest_round()
+    rounds_done = [r for r in (store.get_round(i) for i in range(1, (last.round_id if last else 0) + 1))
+                   if r is not None and r.status == "complete"]
+    fed_curve = [experiments.split_metrics(spec, repo.tensors(r.result_version or ""), splits["test"])
                  for r in rounds_done]
     traffic = [(r.detail or {}).get("traffic", {}) for r in rounds_done]
     store.close()
@@ -159,9 +161,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _follow(store: Any, coord: subprocess.Popen[bytes], cfg: DemoConfig) -> None:
+    """Print each round as it completes; return once all rounds are done and every agent
+    reports serving the final model (or 60 s after the last round)."""
     deadline = time.monotonic() + cfg.timeout_s
-    shown = 0
-    while coord.poll() is None:
+    shown = complete = 0
+    done_at: float | None = None
+    while True:
+        if coord.poll() is not None:
+            raise RuntimeError(f"coordinator exited early with {coord.returncode}")
+        if complete >= cfg.rounds:
+            done_at = done_at or time.monotonic()
+            final = store.latest_model().version
+            if all(a.reported_version == final for a in store.list_agents()) or time.monotonic() - done_at > 60:
+                return
         if time.monotonic() > deadline:
             raise TimeoutError(f"demo did not finish in {cfg.timeout_s:.0f}s")
         latest = store.latest_round()
@@ -176,6 +188,7 @@ def _follow(store: Any, coord: subprocess.Popen[bytes], cfg: DemoConfig) -> None
                               f"val acc {m.get('val_accuracy', float('nan')):.3f}, "
                               f"balanced {m.get('val_balanced_accuracy', float('nan')):.3f}")
                 shown = rid
+                complete += r.status == "complete"
         time.sleep(1.0)
 
 

@@ -45,7 +45,7 @@ class ArmResult:
         return self.per_round[-1] if self.per_round else {}
 
 
-def test_metrics(spec: ModelSpec, tensors: Tensors, test: ArrayDataset) -> dict[str, float]:
+def split_metrics(spec: ModelSpec, tensors: Tensors, test: ArrayDataset) -> dict[str, float]:
     model = build_model(spec.architecture, **spec.kwargs)
     set_tensors(model, tensors)
     r = evaluate(model, test)
@@ -83,7 +83,7 @@ def federated(
             tensors = _train(spec, weights, train.subset(idx), cfg, threads, global_tensors=weights)
             results.append(ClientResult(name, tensors, len(idx)))
         weights, _ = strat.aggregate(r, weights, results)
-        out.per_round.append(test_metrics(spec, weights, test))
+        out.per_round.append(split_metrics(spec, weights, test))
         if progress:
             progress(f"federated round {r}/{rounds}: test acc {out.per_round[-1]['accuracy']:.3f}")
     out.seconds = time.perf_counter() - t0
@@ -101,7 +101,7 @@ def centralized(
     for r in range(1, rounds + 1):
         cfg = training.model_copy(update={"seed": seed * 100_003 + r, "prox_mu": 0.0})
         weights = _train(spec, weights, union, cfg, threads)
-        out.per_round.append(test_metrics(spec, weights, test))
+        out.per_round.append(split_metrics(spec, weights, test))
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -116,7 +116,7 @@ def single_site(
     for r in range(1, rounds + 1):
         cfg = training.model_copy(update={"seed": agent_seed(seed * 100_003 + r, name), "prox_mu": 0.0})
         weights = _train(spec, weights, train.subset(idx), cfg, threads)
-        arm.per_round.append(test_metrics(spec, weights, test))
+        arm.per_round.append(split_metrics(spec, weights, test))
     arm.seconds = time.perf_counter() - t0
     return arm
 

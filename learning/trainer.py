@@ -223,6 +223,19 @@ def class_balanced_loss(labels: np.ndarray, num_classes: int) -> LossFn:
 TrainData = ArrayDataset | TensorDataset | tuple[torch.Tensor, torch.Tensor]
 
 
+def _loss_from_config(cfg: TrainingConfig, data: TrainData) -> LossFn:
+    """``cfg.loss``: plain cross-entropy, or class-balanced over this site's own label counts."""
+    if cfg.loss == "ce":
+        return F.cross_entropy
+    if isinstance(data, ArrayDataset):
+        labels, num_classes = data.labels, data.num_classes
+    else:
+        ys = data.tensors[1] if isinstance(data, TensorDataset) else data[1]
+        labels = ys.cpu().numpy()
+        num_classes = int(labels.max()) + 1 if labels.size else 1
+    return class_balanced_loss(labels, num_classes)
+
+
 def _batch_source(data: TrainData, normalize: Normalize | None) -> tuple[int, BatchGetter, Callable[[], bytes]]:
     """``(n, get(indices) -> (x, y), content digest)``; the digest is computed only when asked for."""
     if isinstance(data, ArrayDataset):
@@ -292,7 +305,7 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     plan_fn = batch_plan or shuffled_batches
     make_opt = optimizer_factory or sgd_optimizer
-    criterion = loss_fn or F.cross_entropy
+    criterion = loss_fn or _loss_from_config(cfg, dataset)
     device = next(model.parameters()).device
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

@@ -64,6 +64,7 @@ class TrainingConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     prox_mu: float = Field(0.0, ge=0)
+    loss: Literal["ce", "balanced_ce"] = "ce"  # balanced_ce: weights from the site's own label counts
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
 

@@ -30,7 +30,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    def __init__(self, mu: float = 0.01) -> None:
+    def __init__(self, mu: float = 0.1) -> None:
         if mu < 0:
             raise ValueError("FedProx mu must be >= 0")
         self.mu = mu

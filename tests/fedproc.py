@@ -1,0 +1,118 @@
+"""Run coordinator and agents as separate processes for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.store import Store, open_store
+
+
+def stratified_parts(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Disjoint random subsets of the given sizes, each with the overall class mix."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    out, start = [], 0
+    for n in sizes:
+        out.append(np.sort(order[start : start + n]))
+        start += n
+    return out
+
+
+@dataclass
+class Federation:
+    root: Path
+    port: int
+    data: Path
+    sizes: list[int]
+    rounds: int = 2
+    seed: int = 0
+    extra_coordinator_args: list[str] = field(default_factory=list)
+    coordinator: subprocess.Popen[bytes] | None = None
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def sites(self) -> list[str]:
+        return [f"site-{i + 1}" for i in range(len(self.sizes))]
+
+    def prepare(self, labels: np.ndarray) -> Store:
+        self.state.mkdir(parents=True, exist_ok=True)
+        store = open_store(f"sqlite:///{self.state / 'state.db'}")
+        for name, idx in zip(self.sites, stratified_parts(labels, self.sizes, self.seed), strict=True):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            np.save(self.root / name / "indices.npy", idx)
+            store.enroll_agent(name, "xray-cxr-28", ["test"])
+        return store
+
+    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        with open(log, "ab") as fh:
+            return subprocess.Popen([sys.executable, "-m", "fedscan", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                    env=env)
+
+    def start_coordinator(self) -> None:
+        self.coordinator = self._spawn(
+            ["coordinator", "--state", str(self.state), "--broker", f"127.0.0.1:{self.port}",
+             "--val-data", str(self.data), "--rounds", str(self.rounds), "--min-clients", str(len(self.sizes)),
+             "--local-epochs", "1", "--lr", "0.05", "--seed", str(self.seed), "--threads", "1",
+             *self.extra_coordinator_args],
+            self.state / "coordinator.log",
+        )
+
+    def start_agent(self, name: str) -> None:
+        self.agents[name] = self._spawn(
+            ["agent", "--id", name, "--broker", f"127.0.0.1:{self.port}", "--state", str(self.root / name / "state"),
+             "--data", str(self.data), "--indices", str(self.root / name / "indices.npy"), "--threads", "1"],
+            self.root / name / "agent.log",
+        )
+
+    def start_all(self) -> None:
+        self.start_coordinator()
+        for name in self.sites:
+            self.start_agent(name)
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        self.coordinator.send_signal(signal.SIGKILL)
+        self.coordinator.wait(10)
+
+    def stop(self) -> None:
+        procs = [p for p in [self.coordinator, *self.agents.values()] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def logs(self) -> str:
+        parts = []
+        for log in [self.state / "coordinator.log", *(self.root / n / "agent.log" for n in self.sites)]:
+            if log.exists():
+                parts.append(f"===== {log}\n" + log.read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, fed: Federation | None = None,
+             poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + (fed.logs() if fed else ""))
