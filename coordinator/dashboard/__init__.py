@@ -36,7 +36,8 @@ _ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; c
 
 
 def _asset(name: str) -> str:
-    return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
+    # Beside this module (not in a sub-folder) so pyproject's package-data globs ship them in a wheel.
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
 def _call(fn: ProgressInfo | None) -> dict[str, Any] | None:
