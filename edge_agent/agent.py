@@ -20,7 +20,7 @@ from pathlib import Path
 from edge_agent.installer import InstallError, ModelInstaller, build_from_manifest
 from learning.datasets import ArrayDataset
 from learning.state import get_tensors
-from learning.trainer import PauseHook, train_local
+from learning.trainer import PauseHook, TrainingCancelled, train_local
 from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.codec import ErrorFeedbackState, Tensors, TensorSpec
 from protocol.errors import FrameError, MalformedMessage, ManifestError
@@ -32,6 +32,10 @@ from protocol.topics import Topics
 from protocol.transport import Transport
 
 log = logging.getLogger("fedscan.agent")
+
+
+class Stopped(Exception):
+    """The agent was told to stop while waiting."""
 
 
 def agent_seed(round_seed: int, agent_id: str) -> int:
@@ -71,6 +75,7 @@ class EdgeAgent:
         self._done_rounds: set[int] = set()
         self._current_task: int | None = None
         self.rounds_trained = 0
+        self._stop = threading.Event()
 
     # -- wiring ---------------------------------------------------------------------------------
     def status_payload(self, state: str) -> bytes:
@@ -88,6 +93,8 @@ class EdgeAgent:
             self._report(self.installer.active_version)
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
+        threading.Thread(target=self._wake_on_stop, args=(stop,), daemon=True).start()
         while not stop.is_set():
             try:
                 item = self._work.get(timeout=0.5)
@@ -96,6 +103,8 @@ class EdgeAgent:
             if item is None:
                 return
             kind, obj = item
+            if stop.is_set():
+                return
             try:
                 if kind == "task":
                     assert isinstance(obj, Task)
@@ -103,9 +112,23 @@ class EdgeAgent:
                 elif kind == "desired":
                     assert isinstance(obj, str)
                     self._handle_desired(obj)
+            except (Stopped, TrainingCancelled):
+                return
             except Exception as exc:
                 log.exception("agent %s: %s failed", self.s.agent_id, kind)
                 self._event("error", {"while": kind, "error": str(exc)[:300]})
+
+    def _wake_on_stop(self, stop: threading.Event) -> None:
+        """Wake every wait when the agent is told to stop, so SIGTERM is obeyed promptly."""
+        stop.wait()
+        self.pause.cancel()
+        for cond in (self._manifest_cond, self._download_cond, self._ack_cond):
+            with cond:
+                cond.notify_all()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise Stopped("agent is stopping")
 
     def _event(self, kind: str, detail: dict[str, object]) -> None:
         self.transport.publish(self.topics.events(self.s.agent_id), AgentEvent(kind=kind, detail=detail).to_bytes())
@@ -177,6 +200,7 @@ class EdgeAgent:
         deadline = time.monotonic() + timeout
         with self._manifest_cond:
             while version not in self._manifests:
+                self._check_stop()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no manifest for {version} after {timeout:.0f}s")
@@ -201,8 +225,10 @@ class EdgeAgent:
             req = ModelRequest(version=version, have=have, transfer_id=transfer if missing else None, missing=missing)
             self.transport.publish(self.topics.model_request(self.s.agent_id), req.to_bytes())
             with self._download_cond:
-                self._download_cond.wait_for(lambda: transfer in self._download_done, timeout=self.s.model_timeout_s)
+                self._download_cond.wait_for(lambda: transfer in self._download_done or self._stop.is_set(),
+                                             timeout=self.s.model_timeout_s)
                 blob = self._download_done.pop(transfer, None)
+            self._check_stop()
             if blob is None:
                 log.info("model %s: download incomplete, asking again (attempt %d)", version, attempt)
                 continue
@@ -307,8 +333,10 @@ class EdgeAgent:
                     if drain is not None:
                         drain(timeout=10)
             with self._ack_cond:
-                self._ack_cond.wait_for(lambda: update_id in self._acks, timeout=self.s.ack_timeout_s)
+                self._ack_cond.wait_for(lambda: update_id in self._acks or stop.is_set(), timeout=self.s.ack_timeout_s)
                 ack = self._acks.get(update_id)
+            if stop.is_set():
+                return False
             if ack is None:
                 log.info("agent %s: no ack for round %d after %.0fs, resending (attempt %d)", self.s.agent_id,
                          task.round_id, self.s.ack_timeout_s, attempt)

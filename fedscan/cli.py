@@ -73,6 +73,7 @@ def coordinator(
     local_epochs: int = 1,
     batch_size: int = 32,
     lr: float = 0.05,
+    loss: Annotated[str, typer.Option(help="ce | balanced_ce (class-balanced over each site's own labels)")] = "ce",
     prox_mu: float = 0.0,
     max_steps: int | None = None,
     codec: str = "raw",
@@ -93,7 +94,7 @@ def coordinator(
         state_dir=state, broker=broker, profile=_profile(profile), val_data=val_data, rounds=rounds,
         min_clients=min_clients, deadline_s=deadline, strategy=strategy,
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
-                                max_steps=max_steps),
+                                max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
         exit_when_done=exit_when_done,
     )
@@ -137,7 +138,7 @@ def demo(
                     ] = None,
     profile: str = "xray-cxr-28",
     agents: int = 4,
-    rounds: int = 8,
+    rounds: int = 12,
     local_epochs: int = 1,
     alpha: float = 0.5,
     seed: int = 0,

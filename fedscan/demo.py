@@ -38,12 +38,13 @@ class DemoConfig:
     data: str | None = None
     profile: str = "xray-cxr-28"
     agents: int = 4
-    rounds: int = 8
+    rounds: int = 12
     local_epochs: int = 1
     alpha: float = 0.5
     seed: int = 0
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.003
+    loss: str = "balanced_ce"
     strategy: str = "fedavg"
     codec: str = "raw"
     broker: str = "auto"
@@ -79,7 +80,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train = splits["train"]
     parts = dirichlet_label_skew(train.labels, cfg.agents, cfg.alpha, seed=cfg.seed)
     sites = [f"site-{i + 1}" for i in range(cfg.agents)]
-    training = TrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr)
+    training = TrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, loss=cfg.loss)  # type: ignore[arg-type]
     console.print(f"[bold]fedscan demo[/]: {len(sites)} sites, {cfg.rounds} rounds, {cfg.local_epochs} local epoch(s), "
                   f"Dirichlet α={cfg.alpha}, data {data_path}")
     for name, idx in zip(sites, parts, strict=True):
@@ -111,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         coord = _spawn(["coordinator", "--state", str(coord_dir), "--broker", addr, "--profile", cfg.profile,
                         "--val-data", str(data_path), "--rounds", str(cfg.rounds), "--min-clients", str(cfg.agents),
                         "--local-epochs", str(cfg.local_epochs), "--batch-size", str(cfg.batch_size),
-                        "--lr", str(cfg.lr), "--strategy", cfg.strategy, "--codec", cfg.codec,
+                        "--lr", str(cfg.lr), "--loss", cfg.loss, "--strategy", cfg.strategy, "--codec", cfg.codec,
                         "--seed", str(cfg.seed), "--threads", "1"], coord_dir / "coordinator.log", 1)
         procs.append(coord)
         for name in sites:

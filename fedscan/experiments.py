@@ -69,6 +69,7 @@ def federated(
     spec: ModelSpec, train: ArrayDataset, parts: Sequence[np.ndarray], test: ArrayDataset, *, rounds: int,
     training: TrainingConfig, strategy: str = "fedavg", seed: int = 0, threads: int | None = None,
     site_names: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
+    on_round: Callable[[Tensors], object] | None = None,
 ) -> ArmResult:
     t0 = time.perf_counter()
     names = list(site_names or [f"site-{i + 1}" for i in range(len(parts))])
@@ -83,6 +84,8 @@ def federated(
             tensors = _train(spec, weights, train.subset(idx), cfg, threads, global_tensors=weights)
             results.append(ClientResult(name, tensors, len(idx)))
         weights, _ = strat.aggregate(r, weights, results)
+        if on_round is not None:
+            on_round(weights)
         out.per_round.append(split_metrics(spec, weights, test))
         if progress:
             progress(f"federated round {r}/{rounds}: test acc {out.per_round[-1]['accuracy']:.3f}")

@@ -1,0 +1,40 @@
+"""Shared bench plumbing: argument parsing, result rows to ``bench/results/NAME.json``, tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny run for CI: checks the bench still works")
+    return p
+
+
+def write_rows(name: str, rows: list[dict[str, Any]], *, quick: bool, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``{"rows": [...]}``; a --quick run writes NAME.quick.json so it never overwrites real figures."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+    payload = {"rows": rows, "meta": {"machine": platform.machine(), "python": platform.python_version(),
+                                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})}}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
