@@ -113,9 +113,12 @@ class GateController:
     Thread-safe. Wire it up as::
 
         ctl = GateController(profile.resource_gates, profile.training_window, hook=trainer_hook)
-        publisher.listeners.append(ctl.observe)          # resource samples
-        api.on_inference_request(ctl.on_inference_request)  # or: with ctl.inference(): ...
-        ctl.start()                                      # re-evaluates every ``tick_s``
+        publisher.listeners.append(ctl.observe)                  # resource samples
+        service.on_inference_request.append(ctl.on_inference_request)  # DiagnosisService start hook
+        service.on_result.append(ctl.on_inference_done)          # quiet period counts from the end
+        ctl.start()                                              # re-evaluates every ``tick_s``
+
+    (or wrap a request in ``with ctl.inference(): ...``, which also holds training while in flight).
 
     Training should call ``hook.wait_if_paused()`` before its first batch: the controller pauses
     the hook on attach when the gates are closed, so training starts only when they are open.
@@ -185,6 +188,11 @@ class GateController:
             self._last_request = self.clock()
             if self.gates is None or self.gates.pause_on_inference:
                 self._apply(True, ["inference request"])
+
+    def on_inference_done(self, *_args: object, **_kwargs: object) -> None:
+        """A diagnosis finished (``DiagnosisService.on_result``): the quiet period counts from now."""
+        with self._lock:
+            self._last_request = self.clock()
 
     @contextmanager
     def inference(self) -> Iterator[None]:

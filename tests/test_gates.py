@@ -160,6 +160,18 @@ def test_inference_request_pauses_at_once_and_resumes_after_quiet_period(caplog:
     assert "DOE" not in caplog.text and "113619" not in caplog.text  # request arguments are never logged
 
 
+def test_quiet_period_counts_from_the_end_of_a_slow_request() -> None:
+    clock = Clock()
+    ctl, hook = controller(clock)
+    ctl.on_inference_request()  # DiagnosisService.on_inference_request hook: takes no arguments
+    clock.t += 4.5
+    ctl.on_inference_done(4.5, "ok")  # DiagnosisService.on_result hook: (latency_s, outcome)
+    clock.t += 4.9
+    assert ctl.tick() and hook.paused
+    clock.t += 0.2
+    assert not ctl.tick() and not hook.paused
+
+
 def test_request_in_flight_keeps_training_paused() -> None:
     clock = Clock()
     ctl, hook = controller(clock)
