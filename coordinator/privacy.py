@@ -24,10 +24,12 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dp_accounting import dp_event, rdp
+
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
 
 DEFAULT_ORDERS: tuple[float, ...] = (
     1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56,
@@ -68,6 +70,8 @@ class MechanismEvent:
             raise ValueError("steps must be >= 0")
 
     def to_dp_event(self) -> dp_event.DpEvent:
+        from dp_accounting import dp_event  # lazy: the library takes ~1.7 s to import
+
         gauss = dp_event.GaussianDpEvent(self.noise_multiplier)
         if self.sampling_rate >= 1.0:
             return gauss
@@ -125,6 +129,8 @@ class RdpAccountant:
 def _epsilon_of(events: tuple[MechanismEvent, ...], delta: float, orders: tuple[float, ...]) -> float:
     if not 0 < delta < 1:
         raise ValueError("delta must be in (0, 1)")
+    from dp_accounting import rdp
+
     acc = rdp.RdpAccountant(list(orders))
     for e in events:
         if e.steps == 0:
