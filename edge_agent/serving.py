@@ -404,6 +404,7 @@ class DiagnosisService:
         on_inference_request: list[InferenceHook] | None = None,
         on_result: list[ResultHook] | None = None,
         timeout_s: float = 30.0,
+        inline_bytes: int = 64 * 1024,
     ) -> None:
         self.served = served
         self.batcher = batcher
@@ -413,6 +414,7 @@ class DiagnosisService:
         self.on_inference_request: list[InferenceHook] = on_inference_request if on_inference_request is not None else []
         self.on_result: list[ResultHook] = on_result if on_result is not None else []
         self.timeout_s = timeout_s
+        self.inline_bytes = inline_bytes  # bodies up to this size are decoded on the event loop
 
     # stages
     def _notify(self) -> None:
@@ -493,14 +495,19 @@ class DiagnosisService:
         self.batcher.expect(1)
         expected = True
         try:
-            model, img, x, timings = await loop.run_in_executor(None, self._prepare, data, content_type)
-            fut = self.batcher.submit(model, x)
-            self.batcher.expect(-1)
+            if len(data) <= self.inline_bytes:  # a small image decodes faster than a thread hop
+                model, img, x, timings = self._prepare(data, content_type)
+            else:
+                model, img, x, timings = await loop.run_in_executor(None, self._prepare, data, content_type)
+            self.batcher.expect(-1)  # before submit: the worker must not wait for this one
             expected = False
+            fut = self.batcher.submit(model, x)
             res = await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
-            diag = await loop.run_in_executor(
-                None, self._finish, model, img, x, res, timings, caller, source, _base_type(content_type)
-            )
+            finish = (model, img, x, res, timings, caller, source, _base_type(content_type))
+            if len(data) <= self.inline_bytes:
+                diag = self._finish(*finish)
+            else:
+                diag = await loop.run_in_executor(None, self._finish, *finish)
         except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:
             self._refused(exc, caller, source, start)
             raise
@@ -519,9 +526,9 @@ class DiagnosisService:
         expected = True
         try:
             model, img, x, timings = self._prepare(data, content_type)
-            fut = self.batcher.submit(model, x)
-            self.batcher.expect(-1)
+            self.batcher.expect(-1)  # before submit: the worker must not wait for this one
             expected = False
+            fut = self.batcher.submit(model, x)
             res = fut.result(timeout=self.timeout_s)
             diag = self._finish(model, img, x, res, timings, caller, source, _base_type(content_type))
         except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:

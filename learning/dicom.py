@@ -26,6 +26,8 @@ from pydicom.uid import UID
 
 from protocol.profile import InputSection
 
+PIL.Image.init()  # register Pillow's decoders now, not on the first request
+
 Format = Literal["png", "jpeg", "dicom", "array"]
 
 CONTENT_TYPES: dict[str, Format] = {
