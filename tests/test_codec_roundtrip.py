@@ -169,7 +169,7 @@ def test_stochastic_quantisation_is_unbiased(spec: str) -> None:
     base = {"x": np.zeros_like(x)} if "delta" in spec else None
     p = parse_codec(spec)
     sp = specs_of(t)
-    n_seeds = 3000
+    n_seeds = 1500
     outs = np.stack([p.decode(p.encode(t, base=base, seed=s), specs=sp, base=base)["x"] for s in range(n_seeds)])
     if "topk" in spec:  # unbiased on the kept support (which is seed independent)
         kept = outs[0] != 0
