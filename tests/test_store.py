@@ -129,7 +129,7 @@ def test_open_is_idempotent_and_at_head(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == head_revision() == "0001"
+            assert MigrationContext.configure(conn).get_current_revision() == head_revision() == "0002"
     finally:
         engine.dispose()
 

@@ -55,10 +55,12 @@ from coordinator.store.blobs import BlobStore
 from coordinator.store.errors import BlobCorruptError, DuplicateError, NotFoundError, StoreError
 from coordinator.store.records import (
     MODEL_STATES,
+    ROLLOUT_STATES,
     ROUND_STATUSES,
     AgentRecord,
     EventRecord,
     ModelRecord,
+    RolloutRecord,
     RoundRecord,
     UpdateRecord,
 )
@@ -66,6 +68,7 @@ from coordinator.store.store import Store, open_store
 
 __all__ = [
     "MODEL_STATES",
+    "ROLLOUT_STATES",
     "ROUND_STATUSES",
     "AgentRecord",
     "BlobCorruptError",
@@ -74,6 +77,7 @@ __all__ = [
     "EventRecord",
     "ModelRecord",
     "NotFoundError",
+    "RolloutRecord",
     "RoundRecord",
     "Store",
     "StoreError",

@@ -77,3 +77,27 @@ class EventRecord:
     reason: str | None
     detail: dict[str, Any] | None
     at: float
+
+
+ROLLOUT_STATES: Final[frozenset[str]] = frozenset(
+    {"running", "paused", "rolling_back", "complete", "rolled_back"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    rollout_id: int
+    version: str
+    state: str
+    cohort: dict[str, Any]
+    stages: list[int]  # cumulative number of agents reached by each stage
+    agents: list[str]  # the cohort, in rollout order
+    previous: dict[str, str | None]  # agent -> version desired before the rollout
+    stage: int  # index into ``stages``
+    stage_started_at: float | None
+    healthy_since: float | None
+    config: dict[str, Any]
+    reason: str | None
+    detail: dict[str, Any] | None
+    created_at: float
+    updated_at: float

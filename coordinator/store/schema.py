@@ -110,3 +110,28 @@ events = sa.Table(
     sa.Index(None, "round_id"),
     sqlite_autoincrement=True,
 )
+
+# Staged rollouts (migration 0002). ``agents`` is the cohort in rollout order,
+# frozen at start; ``stages`` the cumulative agent counts per stage;
+# ``previous`` maps each agent to the version it was desired to serve before.
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("rollout_id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("version", ID, sa.ForeignKey("models.version"), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("cohort", JSON_DOC, nullable=False),
+    sa.Column("stages", JSON_DOC, nullable=False),
+    sa.Column("agents", JSON_DOC, nullable=False),
+    sa.Column("previous", JSON_DOC, nullable=False),
+    sa.Column("stage", sa.Integer(), nullable=False),
+    sa.Column("stage_started_at", sa.Double(), nullable=True),
+    sa.Column("healthy_since", sa.Double(), nullable=True),
+    sa.Column("config", JSON_DOC, nullable=False),
+    sa.Column("reason", sa.String(128), nullable=True),
+    sa.Column("detail", JSON_OPT, nullable=True),
+    sa.Column("created_at", sa.Double(), nullable=False),
+    sa.Column("updated_at", sa.Double(), nullable=False),
+    sa.Index(None, "state"),
+    sqlite_autoincrement=True,
+)

@@ -8,6 +8,7 @@ call that returned and none that did not.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -28,10 +29,12 @@ from coordinator.store.db import WRITE_OPTION, make_engine, upgrade_to_head
 from coordinator.store.errors import DuplicateError, NotFoundError, StoreError
 from coordinator.store.records import (
     MODEL_STATES,
+    ROLLOUT_STATES,
     ROUND_STATUSES,
     AgentRecord,
     EventRecord,
     ModelRecord,
+    RolloutRecord,
     RoundRecord,
     UpdateRecord,
 )
@@ -144,6 +147,26 @@ def _model(row: RowMapping) -> ModelRecord:
         manifest=dict(row["manifest"]),
         participants=list(row["participants"]),
         state=row["state"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+    )
+
+
+def _rollout(row: RowMapping) -> RolloutRecord:
+    return RolloutRecord(
+        rollout_id=int(row["rollout_id"]),
+        version=row["version"],
+        state=row["state"],
+        cohort=dict(row["cohort"]),
+        stages=[int(n) for n in row["stages"]],
+        agents=list(row["agents"]),
+        previous=dict(row["previous"]),
+        stage=int(row["stage"]),
+        stage_started_at=None if row["stage_started_at"] is None else float(row["stage_started_at"]),
+        healthy_since=None if row["healthy_since"] is None else float(row["healthy_since"]),
+        config=dict(row["config"]),
+        reason=row["reason"],
+        detail=None if row["detail"] is None else dict(row["detail"]),
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
     )
@@ -518,6 +541,84 @@ class Store:
             )
             if result.rowcount == 0:
                 raise NotFoundError(f"model {version!r} not found")
+
+    # ------------------------------------------------------------------ rollouts
+
+    _ROLLOUT_FIELDS = frozenset({"state", "stage", "stage_started_at", "healthy_since", "reason", "detail"})
+
+    def create_rollout(
+        self,
+        *,
+        version: str,
+        cohort: dict[str, Any],
+        stages: list[int],
+        agents: list[str],
+        previous: dict[str, str | None],
+        config: dict[str, Any],
+    ) -> RolloutRecord:
+        """Record a new ``running`` rollout at stage 0.  NotFoundError if the model is unknown;
+        DuplicateError if another rollout is still running, paused or rolling back."""
+        _check_id(version, "version")
+        for value, name in ((cohort, "cohort"), (stages, "stages"), (agents, "agents"), (previous, "previous"),
+                            (config, "config")):
+            _check_json(value, name)
+        if not stages or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in stages):
+            raise ValueError("stages must be a non-empty list of positive ints")
+        if any(b <= a for a, b in itertools.pairwise(stages)) or stages[-1] > len(agents):
+            raise ValueError("stages must increase strictly and not exceed the number of agents")
+        r = t.rollouts
+        now = time.time()
+        with self._tx(write=True) as conn:
+            self._require(conn, t.models, t.models.c.version, version, "model")
+            open_ = conn.execute(sa.select(r.c.rollout_id).where(r.c.state.in_(("running", "paused", "rolling_back")))
+                                 ).first()
+            if open_ is not None:
+                raise DuplicateError(f"rollout {open_[0]} is still open; finish, roll back or wait for it first")
+            rid = conn.execute(
+                sa.insert(r)
+                .values(version=version, state="running", cohort=dict(cohort), stages=list(stages),
+                        agents=list(agents), previous=dict(previous), stage=0, stage_started_at=now,
+                        healthy_since=None, config=dict(config), reason=None, detail=None, created_at=now,
+                        updated_at=now)
+                .returning(r.c.rollout_id)
+            ).scalar_one()
+            return _rollout(conn.execute(sa.select(r).where(r.c.rollout_id == rid)).mappings().one())
+
+    def get_rollout(self, rollout_id: int) -> RolloutRecord | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(t.rollouts).where(t.rollouts.c.rollout_id == rollout_id)).mappings().first()
+            return None if row is None else _rollout(row)
+
+    def list_rollouts(self) -> list[RolloutRecord]:
+        """All rollouts, oldest first."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(t.rollouts).order_by(t.rollouts.c.rollout_id)).mappings().all()
+            return [_rollout(row) for row in rows]
+
+    def update_rollout(self, rollout_id: int, *, expect_state: str | None = None, **values: Any) -> RolloutRecord:
+        """Change progress fields (state, stage, stage_started_at, healthy_since, reason, detail).
+
+        With ``expect_state`` the change applies only if the rollout is still in that state
+        (compare-and-set between the CLI and the coordinator's driver); otherwise StoreError."""
+        unknown = set(values) - self._ROLLOUT_FIELDS
+        if unknown:
+            raise ValueError(f"cannot update rollout fields {sorted(unknown)}")
+        if "state" in values and values["state"] not in ROLLOUT_STATES:
+            raise ValueError(f"unknown rollout state {values['state']!r}; expected one of {sorted(ROLLOUT_STATES)}")
+        if values.get("detail") is not None:
+            _check_json(values["detail"], "detail")
+        r = t.rollouts
+        with self._tx(write=True) as conn:
+            stmt = sa.update(r).where(r.c.rollout_id == rollout_id)
+            if expect_state is not None:
+                stmt = stmt.where(r.c.state == expect_state)
+            result = conn.execute(stmt.values(**values, updated_at=time.time()))
+            if result.rowcount == 0:
+                row = conn.execute(sa.select(r.c.state).where(r.c.rollout_id == rollout_id)).first()
+                if row is None:
+                    raise NotFoundError(f"rollout {rollout_id} not found")
+                raise StoreError(f"rollout {rollout_id} is {row[0]}, not {expect_state}")
+            return _rollout(conn.execute(sa.select(r).where(r.c.rollout_id == rollout_id)).mappings().one())
 
     # ------------------------------------------------------------------ events
 
