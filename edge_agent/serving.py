@@ -405,6 +405,7 @@ class DiagnosisService:
         on_result: list[ResultHook] | None = None,
         timeout_s: float = 30.0,
         inline_bytes: int = 64 * 1024,
+        inline_pixels: int = 512 * 512,
     ) -> None:
         self.served = served
         self.batcher = batcher
@@ -414,7 +415,10 @@ class DiagnosisService:
         self.on_inference_request: list[InferenceHook] = on_inference_request if on_inference_request is not None else []
         self.on_result: list[ResultHook] = on_result if on_result is not None else []
         self.timeout_s = timeout_s
-        self.inline_bytes = inline_bytes  # bodies up to this size are decoded on the event loop
+        # a small PNG (bytes and header-declared pixels) is decoded on the event loop: cheaper
+        # than a thread hop; anything else (JPEG, DICOM, big or bomb-like PNG) goes to a thread
+        self.inline_bytes = inline_bytes
+        self.inline_pixels = inline_pixels
 
     # stages
     def _notify(self) -> None:
@@ -463,6 +467,12 @@ class DiagnosisService:
         ))
         return diag
 
+    def _inline_ok(self, data: bytes) -> bool:
+        if len(data) > self.inline_bytes or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+            return False
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return width * height <= self.inline_pixels
+
     def _report(self, start: float, outcome: str) -> None:
         latency = time.perf_counter() - start
         for fn in list(self.on_result):
@@ -495,7 +505,8 @@ class DiagnosisService:
         self.batcher.expect(1)
         expected = True
         try:
-            if len(data) <= self.inline_bytes:  # a small image decodes faster than a thread hop
+            inline = self._inline_ok(data)
+            if inline:
                 model, img, x, timings = self._prepare(data, content_type)
             else:
                 model, img, x, timings = await loop.run_in_executor(None, self._prepare, data, content_type)
@@ -504,7 +515,7 @@ class DiagnosisService:
             fut = self.batcher.submit(model, x)
             res = await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
             finish = (model, img, x, res, timings, caller, source, _base_type(content_type))
-            if len(data) <= self.inline_bytes:
+            if inline:
                 diag = self._finish(*finish)
             else:
                 diag = await loop.run_in_executor(None, self._finish, *finish)

@@ -108,3 +108,18 @@ def test_swap_manifest_takes_calibration_and_falls_back_to_profile_steps() -> No
     assert p.shape == (1, 2) and abs(float(p.sum()) - 1) < 1e-9
     prev = served.swap(version="g8", engine=engine, classes=CLASSES, input=INPUT_SPEC)
     assert prev is cur and served.current().calibrated is False and served.current().temperature == 1.0
+
+
+def test_only_small_pngs_are_decoded_on_the_event_loop(tmp_path: Path) -> None:
+    from test_api_helpers import ACCEPT, png_bytes
+
+    from edge_agent.audit import AuditLog
+    from edge_agent.serving import DiagnosisService, MicroBatcher, ServedModel
+
+    svc = DiagnosisService(ServedModel(), MicroBatcher(), LocalStore(tmp_path), AuditLog(tmp_path / "a"), ACCEPT)
+    assert svc._inline_ok(png_bytes(np.zeros((224, 224), np.uint8)))
+    assert not svc._inline_ok(b"")
+    big = png_bytes(np.zeros((600, 600), np.uint8))  # tiny file, 360 k pixels: a thread decodes it
+    assert len(big) < svc.inline_bytes and not svc._inline_ok(big)
+    assert not svc._inline_ok(dicom_file("CT_small.dcm").read_bytes())
+    svc.store.close()
