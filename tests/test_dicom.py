@@ -137,3 +137,9 @@ def test_no_identifier_in_refusal_messages() -> None:
     ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
     e = rejected(dcm("MR_small.dcm"), "application/dicom", PROFILE.input)
     assert str(ds.PatientName) not in str(e) and str(ds.PatientID) not in str(e)
+
+
+def test_decoder_present_but_unable() -> None:
+    # 12-bit JPEG Extended: Pillow's plugin exists but cannot decode 12-bit samples
+    e = rejected(dcm("JPEG-lossy.dcm"), "application/dicom", ACCEPT.model_copy(update={"modalities": []}))
+    assert (e.status_code, e.reason) == (415, "undecodable_pixel_data")
