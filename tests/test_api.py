@@ -131,7 +131,8 @@ def test_every_bad_input_refused_with_a_reason_and_serving_goes_on(box: Box, ima
                 ok = post_image(c, box, good, "image/png")
                 assert ok.status_code == 200, (name, ok.text)
     refused = [rec for rec in box.audit.records() if rec["event"] == "rejected"]
-    assert {rec["reason"] for rec in refused} >= {v[3] for v in BAD.values()} - {"too_large"}
+    assert {rec["reason"] for rec in refused} >= {v[3] for v in BAD.values()}
+    assert all(rec["caller"] == "clinician" and rec["status_code"] >= 400 for rec in refused)
 
 
 def test_wrong_channel_count_for_the_model(tmp_path: Path, images: np.ndarray) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from starlette.datastructures import UploadFile
 
 from edge_agent.api.deps import Caller, Service, Settings, Store, http_error
@@ -126,7 +126,13 @@ def _study_out(r: StudyRecord) -> StudyOut:
 )
 async def diagnose(request: Request, caller: Caller, service: Service, settings: Settings) -> DiagnosisOut:
     retry = {"Retry-After": str(settings.retry_after_s)}
-    data, ctype = await _read_body(request, service.accept.max_bytes)
+    try:
+        data, ctype = await _read_body(request, service.accept.max_bytes)
+    except HTTPException as exc:  # refused before decoding (size, form): audited all the same
+        reason = exc.detail.get("reason") if isinstance(exc.detail, dict) else None
+        service.audit.append(AuditRecord(event="rejected", caller=caller, source="http", reason=reason,
+                                         status_code=exc.status_code))
+        raise
     try:
         d = await service.diagnose_async(data, ctype, caller=caller, source="http")
     except ImageRejected as exc:
