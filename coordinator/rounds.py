@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from protocol.errors import FrameError, MalformedMessage, ProtocolError, Unknown
 from protocol.frame import decode_update, encode_model
 from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry
 from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
+from protocol.signing import SigningKey
 from protocol.tensors import tensor_hash
 from protocol.topics import Kind, Topics
 from protocol.transport import Transport
@@ -53,6 +54,9 @@ class RoundSettings:
     window: int = 8
     max_update_norm: float | None = 1e4
     seed: int = 0
+    # auto: every new round model is served by every agent (recorded active); manual: round models
+    # are candidates that agents train from, served only after approval + a staged rollout.
+    rollout: Literal["auto", "manual"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Coordinator:
         initial_tensors: Callable[[], Tensors],
         evaluator: Evaluator | None = None,
         on_round: Callable[[int, str, dict[str, float]], None] | None = None,
+        signer: SigningKey | None = None,
     ) -> None:
         self.store, self.blobs, self.repo = store, blobs, repo
         self.transport, self.topics = transport, topics
@@ -105,6 +110,8 @@ class Coordinator:
         self._accepted: dict[str, Tensors] = {}
         self._model_frames: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self.counters: dict[str, int] = {}
+        self.signer = signer
+        self.report_listeners: list[Callable[[str, Shadow], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,7 +136,7 @@ class Coordinator:
 
     def _manifest_for(self, version: str, parent: str | None, round_id: int | None, tensors: Tensors,
                       metrics: Mapping[str, float], participants: list[str]) -> Manifest:
-        return Manifest(
+        m = Manifest(
             version=version, parent=parent, round_id=round_id,
             architecture=Architecture(name=self.spec.architecture, kwargs=self.spec.kwargs),
             classes=self.spec.classes, input=self.spec.input, preprocessing=self.spec.preprocessing,
@@ -138,6 +145,7 @@ class Coordinator:
             tensors=[TensorEntry(name=k, shape=tuple(v.shape)) for k, v in tensors.items()],
             tensor_hash=tensor_hash(tensors),
         )
+        return self.signer.sign_manifest(m) if self.signer is not None else m
 
     def _ensure_initial_model(self) -> None:
         if self.store.latest_model() is not None:
@@ -149,13 +157,20 @@ class Coordinator:
         with contextlib.suppress(DuplicateError):
             self.store.add_model(version=m.version, parent=None, round_id=None, manifest=m.model_dump(mode="json"),
                                  participants=[], state="active")
-        self._publish_model(m.version)
+        self._publish_model(m.version, initial=True)
 
-    def _publish_model(self, version: str) -> None:
+    def publish_manifest(self, version: str) -> None:
         manifest = self.repo.manifest(version)
         self.transport.publish(self.topics.model_manifest(version), manifest.to_bytes(), retain=True)
+
+    def _publish_model(self, version: str, *, initial: bool = False) -> None:
+        self.publish_manifest(version)
+        if self.settings.rollout == "manual" and not initial:
+            return  # served only through a staged rollout (coordinator/rollout.py)
         desired = Shadow(version=version).to_bytes()
         for agent in self.store.list_agents():
+            if initial and self.settings.rollout == "manual" and agent.desired_version is not None:
+                continue
             self.store.set_desired_version(agent.agent_id, version)
             self.transport.publish(self.topics.shadow_desired(agent.agent_id), desired, retain=True)
 
@@ -266,7 +281,8 @@ class Coordinator:
         self.repo.save(manifest, new, self.strategy.state_dict())
         try:
             self.store.add_model(version=version, parent=self._base_version, round_id=round_id,
-                                 manifest=manifest.model_dump(mode="json"), participants=participants, state="active")
+                                 manifest=manifest.model_dump(mode="json"), participants=participants,
+                                 state="active" if self.settings.rollout == "auto" else "candidate")
         except DuplicateError:
             log.info("round %d: model %s was already recorded before a restart", round_id, version)
         traffic = self.transport.traffic
@@ -421,8 +437,22 @@ class Coordinator:
         except MalformedMessage as exc:
             self._reject("shadow", agent, None, exc)
             return
+        claimed = sh.detail.get("agent")
+        if claimed is not None and claimed != agent:
+            self._reject("shadow", agent, None, UnknownTopic(f"shadow from {claimed!r} on {agent!r}'s topic",
+                                                             reason="topic_mismatch"))
+            return
+        if sh.version is not None and self.store.get_model(sh.version) is None:
+            self._reject("shadow", agent, None, UnknownTopic(f"reported unknown model {sh.version!r}",
+                                                             reason="unknown_version"))
+            return
         self.store.set_reported_version(agent, sh.version)
         self.store.mark_seen(agent, at=time.time())
+        if isinstance(sh.detail.get("refused"), str):
+            self.store.record_event("install_refused", agent_id=agent, reason=str(sh.detail.get("reason"))[:128],
+                                    detail={"version": sh.detail["refused"], "serving": sh.version})
+        for listener in self.report_listeners:
+            listener(agent, sh)
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, "event")

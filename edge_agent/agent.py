@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.installer import InstallError, ModelInstaller, build_from_manifest
+from edge_agent.installer import ModelInstaller, build_from_manifest
 from learning.datasets import ArrayDataset
 from learning.state import get_tensors
 from learning.trainer import PauseHook, TrainingCancelled, train_local
@@ -28,6 +28,7 @@ from protocol.frame import decode_model, encode_update
 from protocol.manifest import Manifest, parse_manifest
 from protocol.messages import Ack, AgentEvent, ModelRequest, Shadow, Status, Task, parse_message
 from protocol.profile import FirmwareProfile
+from protocol.signing import TrustStore
 from protocol.topics import Topics
 from protocol.transport import Transport
 
@@ -53,6 +54,7 @@ class AgentSettings:
     ack_timeout_s: float = 20.0
     model_timeout_s: float = 30.0
     software: str = "fedscan-0.1"
+    trust: TrustStore | None = None  # None: model signatures are not checked (logged at start)
 
 
 class EdgeAgent:
@@ -61,7 +63,8 @@ class EdgeAgent:
         self.transport = transport
         self.dataset = dataset
         self.topics = Topics(settings.fleet)
-        self.installer = ModelInstaller(settings.state_dir / "models")
+        self.installer = ModelInstaller(settings.state_dir / "models", trust=settings.trust,
+                                        profile=settings.profile.name)
         (settings.state_dir / "outbox").mkdir(parents=True, exist_ok=True)
         self.pause = PauseHook()
         self._work: queue.Queue[tuple[str, object] | None] = queue.Queue()
@@ -212,6 +215,7 @@ class EdgeAgent:
         if self.installer.has(version):
             return self.installer.tensors(version)
         manifest = self._wait_manifest(version, self.s.model_timeout_s)
+        self.installer.verify(manifest)  # refuse before downloading anything
         have = next((v for v in reversed(self.installer.installed()) if v != version), None)
         base = self.installer.tensors(have) if have else None
         transfer = f"model-{version}-from-{have or 'none'}"
@@ -243,7 +247,8 @@ class EdgeAgent:
 
     def _report(self, version: str | None, **detail: object) -> None:
         self.transport.publish(self.topics.shadow_reported(self.s.agent_id),
-                               Shadow(version=version, engine="torch", detail=dict(detail)).to_bytes(), retain=True)
+                               Shadow(version=version, engine="torch", detail={"agent": self.s.agent_id, **detail}
+                                      ).to_bytes(), retain=True)
 
     def _handle_desired(self, version: str) -> None:
         if self.installer.active_version == version:
@@ -252,7 +257,7 @@ class EdgeAgent:
         try:
             self.ensure_model(version)
             self.installer.activate(version)
-        except (InstallError, FrameError, TimeoutError) as exc:
+        except (ManifestError, FrameError, TimeoutError) as exc:  # InstallError, SignatureError: ManifestError
             reason = getattr(exc, "reason", "timeout")
             log.warning("agent %s: refused model %s: %s", self.s.agent_id, version, exc)
             self._event("install_refused", {"version": version, "reason": reason})

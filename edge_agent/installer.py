@@ -1,7 +1,8 @@
 """The one place where models are installed on the box: verify → store → activate, keep previous.
 
-``install`` checks that the tensors hash to the manifest's tensor hash (a signature check joins
-it when manifests are signed) and stores them; ``activate`` builds the model, runs a smoke
+``install`` checks the manifest's Ed25519 signature against the box's trust store (when one is
+configured; without one, unsigned models are accepted and a log line says so) and that the
+tensors hash to the manifest's tensor hash, then stores them; ``activate`` builds the model, runs a smoke
 inference (finite logits of the right shape), then switches the ``ACTIVE`` pointer atomically
 and keeps the previous version for rollback. Listeners (the inference service) are told after
 the switch. A model that fails any step is refused with a reason and the box keeps serving
@@ -25,6 +26,7 @@ from protocol.codec import Tensors, TensorSpec
 from protocol.errors import ManifestError
 from protocol.frame import decode_model, encode_model
 from protocol.manifest import Manifest, parse_manifest
+from protocol.signing import TrustStore
 from protocol.tensors import tensor_hash
 
 log = logging.getLogger("fedscan.agent.installer")
@@ -53,11 +55,20 @@ def build_from_manifest(manifest: Manifest, tensors: Tensors) -> torch.nn.Module
 
 
 class ModelInstaller:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, trust: TrustStore | None = None, profile: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._listeners: list[ActivationListener] = []
+        self.trust, self.profile = trust, profile
+        if trust is None:
+            log.warning("no trust store configured: model signatures are NOT checked, unsigned models are accepted")
+
+    def verify(self, manifest: Manifest) -> None:
+        """Raise ``SignatureError`` (reason unsigned/unknown_key/bad_signature/retired_key/wrong_target)
+        unless the manifest is signed by a trusted key and targets this box; no-op without a trust store."""
+        if self.trust is not None:
+            self.trust.verify_manifest(manifest, profile=self.profile)
 
     # -- queries ------------------------------------------------------------------------------------
     def has(self, version: str) -> bool:
@@ -98,6 +109,7 @@ class ModelInstaller:
 
     def install(self, manifest: Manifest, tensors: Tensors) -> None:
         """Verify and store a model (not yet serving)."""
+        self.verify(manifest)
         got = tensor_hash(tensors)
         if got != manifest.tensor_hash:
             raise InstallError(f"model {manifest.version}: tensor hash {got[:12]} != manifest {manifest.tensor_hash[:12]}",
