@@ -555,8 +555,9 @@ class Store:
         agents: list[str],
         previous: dict[str, str | None],
         config: dict[str, Any],
+        at: float | None = None,
     ) -> RolloutRecord:
-        """Record a new ``running`` rollout at stage 0.  NotFoundError if the model is unknown;
+        """Record a new ``running`` rollout at stage 0 (created and stage started ``at``, default now).  NotFoundError if the model is unknown;
         DuplicateError if another rollout is still running, paused or rolling back."""
         _check_id(version, "version")
         for value, name in ((cohort, "cohort"), (stages, "stages"), (agents, "agents"), (previous, "previous"),
@@ -567,7 +568,7 @@ class Store:
         if any(b <= a for a, b in itertools.pairwise(stages)) or stages[-1] > len(agents):
             raise ValueError("stages must increase strictly and not exceed the number of agents")
         r = t.rollouts
-        now = time.time()
+        now = time.time() if at is None else _check_float(at, "at")
         with self._tx(write=True) as conn:
             self._require(conn, t.models, t.models.c.version, version, "model")
             open_ = conn.execute(sa.select(r.c.rollout_id).where(r.c.state.in_(("running", "paused", "rolling_back")))
