@@ -257,7 +257,7 @@ def test_pause_resume_and_manual_rollback(store: Store, ctl: RolloutController, 
     assert r.stage == 1
     r = ctl.rollback()
     assert r.state == "rolling_back" and r.reason == "manual"
-    assert store.get_model("v1").state == "approved"  # a person's rollback: may be retried  # type: ignore[union-attr]
+    assert store.get_model("v1").state == "approved"  # type: ignore[union-attr]  # a person may retry
     with pytest.raises(RolloutError) as info:
         ctl.resume()
     assert info.value.reason == "bad_state"
