@@ -79,6 +79,9 @@ def coordinator(
     codec: str = "raw",
     seed: int = 0,
     fleet: str = "default",
+    rollout: Annotated[str, typer.Option(help="auto: every new model is served by all agents; manual: new models "
+                                         "are candidates, served after `fedscan model approve` + `rollout start`")
+                       ] = "auto",
     store_url: str | None = None,
     threads: int | None = None,
     exit_when_done: Annotated[bool, typer.Option(help="exit after the last round instead of serving on")] = False,
@@ -90,9 +93,12 @@ def coordinator(
     from protocol.messages import TrainingConfig
 
     _logging(verbose)
+    if rollout not in ("auto", "manual"):
+        typer.echo(f"error: --rollout must be auto or manual, not {rollout!r}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
     cfg = CoordinatorConfig(
         state_dir=state, broker=broker, profile=_profile(profile), val_data=val_data, rounds=rounds,
-        min_clients=min_clients, deadline_s=deadline, strategy=strategy,
+        min_clients=min_clients, deadline_s=deadline, strategy=strategy, rollout=rollout,
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                 max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
@@ -111,6 +117,8 @@ def agent(
     indices: Annotated[Path | None, typer.Option(help=".npy of this site's indices into the train split")] = None,
     threads: int | None = None,
     fleet: str = "default",
+    trust: Annotated[Path | None, typer.Option(help="trusted model-signing keys (the coordinator's keys/trust.json); "
+                                               "without it signatures are not checked")] = None,
     verbose: bool = False,
 ) -> None:
     """Run an edge agent: train on local images, upload updates, install models."""
@@ -118,7 +126,7 @@ def agent(
 
     _logging(verbose)
     cfg = AgentConfig(agent_id=id, broker=broker, profile=_profile(profile), state_dir=state, data=data,
-                      indices=indices, threads=threads, fleet=fleet)
+                      indices=indices, threads=threads, fleet=fleet, trust=trust)
     _run(lambda: run_agent(cfg))
 
 
@@ -167,6 +175,15 @@ def _run(fn) -> None:  # type: ignore[no-untyped-def]
     except (ValueError, ProfileError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
+
+
+def _register_fleet_commands() -> None:
+    from fedscan.fleet_cli import register
+
+    register(app)
+
+
+_register_fleet_commands()
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.keys import ensure_signing_key
 from coordinator.model_repo import ModelRepository
+from coordinator.rollout import RolloutController, RolloutDriver
 from coordinator.rounds import Coordinator, ModelSpec, RoundSettings
 from coordinator.store import BlobStore, open_store
 from coordinator.strategies import build_strategy
@@ -93,6 +95,7 @@ class CoordinatorConfig:
     codec: str = "raw"
     seed: int = 0
     fleet: str = "default"
+    rollout: str = "auto"  # auto | manual: how models get served (coordinator/lifecycle.py)
     store_url: str | None = None
     threads: int | None = None
     exit_when_done: bool = False
@@ -116,12 +119,17 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
         store=store, blobs=BlobStore(cfg.state_dir / "blobs"), repo=ModelRepository(cfg.state_dir / "models"),
         transport=transport, topics=topics, strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
         settings=RoundSettings(rounds=cfg.rounds, min_clients=cfg.min_clients, deadline_s=cfg.deadline_s,
-                               training=cfg.training, codec=cfg.codec, seed=cfg.seed),
+                               training=cfg.training, codec=cfg.codec, seed=cfg.seed,
+                               rollout="manual" if cfg.rollout == "manual" else "auto"),
         model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator,
+        signer=ensure_signing_key(cfg.state_dir),
     )
+    driver = RolloutDriver(RolloutController(store), transport, topics, publish_manifest=coord.publish_manifest)
+    coord.report_listeners.append(driver.on_report)
     stop = threading.Event()
     _stop_on_signals(stop)
     coord.start()
+    threading.Thread(target=driver.run, args=(stop,), name="rollout-driver", daemon=True).start()
     try:
         coord.run(stop)
         if not cfg.exit_when_done and not stop.is_set():
@@ -143,6 +151,7 @@ class AgentConfig:
     indices: Path | None = None
     threads: int | None = None
     fleet: str = "default"
+    trust: Path | None = None  # trusted model-signing keys; None: signatures not checked (logged)
 
 
 def load_agent_data(data: Path | None, indices: Path | None) -> ArrayDataset | None:
@@ -160,7 +169,11 @@ def run_agent(cfg: AgentConfig, stop: threading.Event | None = None) -> int:
     topics = Topics(cfg.fleet)
     host, port = parse_broker(cfg.broker)
     dataset = load_agent_data(cfg.data, cfg.indices)
-    settings = AgentSettings(cfg.agent_id, cfg.profile, cfg.state_dir, fleet=cfg.fleet, threads=cfg.threads)
+    from protocol.signing import TrustStore
+
+    trust = TrustStore.load(cfg.trust) if cfg.trust is not None else None
+    settings = AgentSettings(cfg.agent_id, cfg.profile, cfg.state_dir, fleet=cfg.fleet, threads=cfg.threads,
+                             trust=trust)
     offline = Status(state="offline", role="agent", profile=cfg.profile.name).to_bytes()
     transport = MqttTransport(cfg.agent_id, host, port, will=(topics.status(cfg.agent_id), offline))
     transport.connect()
