@@ -14,13 +14,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.installer import ModelInstaller, build_from_manifest
 from learning.datasets import ArrayDataset
 from learning.state import get_tensors
-from learning.trainer import PauseHook, TrainingCancelled, train_local
+from learning.trainer import PauseHook, TrainData, TrainingCancelled, train_local
 from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.codec import ErrorFeedbackState, Tensors, TensorSpec
 from protocol.errors import FrameError, MalformedMessage, ManifestError
@@ -79,6 +80,8 @@ class EdgeAgent:
         self._current_task: int | None = None
         self.rounds_trained = 0
         self._stop = threading.Event()
+        self.dataset_provider: Callable[[], TrainData | None] | None = None
+        self.engine_report: dict[str, object] = {}
 
     # -- wiring ---------------------------------------------------------------------------------
     def status_payload(self, state: str) -> bytes:
@@ -279,10 +282,12 @@ class EdgeAgent:
                 frame = outbox.read_bytes()
                 log.info("agent %s: resending stored update for round %d", self.s.agent_id, task.round_id)
             else:
-                if self.dataset is None or len(self.dataset) == 0:
+                data = self.dataset if self.dataset is not None else (
+                    self.dataset_provider() if self.dataset_provider is not None else None)
+                if data is None or len(data) == 0:
                     log.info("agent %s: no local data, skipping round %d", self.s.agent_id, task.round_id)
                     return
-                frame = self._train(task)
+                frame = self._train(task, data)
                 tmp = outbox.with_suffix(".tmp")
                 tmp.write_bytes(frame)
                 tmp.replace(outbox)
@@ -291,15 +296,14 @@ class EdgeAgent:
         finally:
             self._current_task = None
 
-    def _train(self, task: Task) -> bytes:
+    def _train(self, task: Task, data: TrainData) -> bytes:
         base = self.ensure_model(task.base_version)
         manifest = self.installer.manifest(task.base_version)
         model = build_from_manifest(manifest, base)
         model.train()
         cfg = task.training.model_copy(update={"seed": agent_seed(task.training.seed, self.s.agent_id)})
-        assert self.dataset is not None
         t0 = time.perf_counter()
-        result = train_local(model, self.dataset, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,
+        result = train_local(model, data, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,
                              checkpoint_path=self.s.state_dir / f"train-round-{task.round_id}.ckpt")
         (self.s.state_dir / f"train-round-{task.round_id}.ckpt").unlink(missing_ok=True)
         self.rounds_trained += 1
@@ -309,7 +313,7 @@ class EdgeAgent:
         ef = ErrorFeedbackState.load(ef_path) if "ef" in task.codec else None
         frame = encode_update(
             get_tensors(model), agent_id=self.s.agent_id, round_id=task.round_id, base_version=task.base_version,
-            sample_count=len(self.dataset), codec=task.codec, base=base,
+            sample_count=len(data), codec=task.codec, base=base,
             metrics={"train_loss": result.loss, "steps": float(result.steps), "seconds": result.seconds},
             state=ef, seed=cfg.seed,
             update_id=f"{self.s.agent_id}-r{task.round_id}-{hashlib.sha256(str(cfg.seed).encode()).hexdigest()[:8]}",

@@ -85,6 +85,7 @@ def coordinator(
     store_url: str | None = None,
     threads: int | None = None,
     exit_when_done: Annotated[bool, typer.Option(help="exit after the last round instead of serving on")] = False,
+    http_port: Annotated[int | None, typer.Option(help="serve the fleet dashboard and /metrics on this port")] = None,
     verbose: bool = False,
 ) -> None:
     """Run federated rounds until ROUNDS are complete (resumes after a restart), then keep serving
@@ -102,7 +103,7 @@ def coordinator(
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                 max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
-        exit_when_done=exit_when_done,
+        exit_when_done=exit_when_done, http_port=http_port,
     )
     _run(lambda: run_coordinator(cfg))
 
@@ -119,14 +120,19 @@ def agent(
     fleet: str = "default",
     trust: Annotated[Path | None, typer.Option(help="trusted model-signing keys (the coordinator's keys/trust.json); "
                                                "without it signatures are not checked")] = None,
+    http_port: Annotated[int | None, typer.Option(help="diagnosis API port (tokens: FEDSCAN_API_TOKENS)")] = None,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM C-STORE listener port")] = None,
+    dicom_aet: Annotated[list[str] | None, typer.Option(help="calling AE title allowed to store (repeat)")] = None,
+    telemetry: bool = True,
     verbose: bool = False,
 ) -> None:
-    """Run an edge agent: train on local images, upload updates, install models."""
+    """Run an edge agent: train on local images, upload updates, install models, serve diagnoses."""
     from fedscan.compose import AgentConfig, run_agent
 
     _logging(verbose)
     cfg = AgentConfig(agent_id=id, broker=broker, profile=_profile(profile), state_dir=state, data=data,
-                      indices=indices, threads=threads, fleet=fleet, trust=trust)
+                      indices=indices, threads=threads, fleet=fleet, trust=trust, http_port=http_port,
+                      dicom_port=dicom_port, dicom_aets=tuple(dicom_aet or ()), telemetry=telemetry)
     _run(lambda: run_agent(cfg))
 
 

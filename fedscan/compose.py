@@ -99,6 +99,28 @@ class CoordinatorConfig:
     store_url: str | None = None
     threads: int | None = None
     exit_when_done: bool = False
+    http_port: int | None = None  # dashboard + /metrics on 127.0.0.1
+    http_host: str = "127.0.0.1"
+
+
+def coordinator_app(store: Any, view: Any, rounds: int) -> Any:
+    """The coordinator's HTTP face: fleet dashboard and Prometheus /metrics with the fleet view."""
+    from fastapi import FastAPI
+
+    from coordinator.dashboard import dashboard_router
+    from coordinator.fleet_view import fleet_registry, metrics_router
+
+    def round_info() -> dict[str, Any] | None:
+        r = store.latest_round()
+        if r is None:
+            return None
+        return {"round": r.round_id, "of": rounds, "status": r.status, "updates": len(store.list_updates(r.round_id)),
+                "version": r.result_version}
+
+    app = FastAPI(title="fedscan coordinator")
+    app.include_router(metrics_router(fleet_registry(view)))
+    app.include_router(dashboard_router(view, round_info=round_info))
+    return app
 
 
 def run_coordinator(cfg: CoordinatorConfig) -> int:
@@ -128,6 +150,16 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     coord.report_listeners.append(driver.on_report)
     stop = threading.Event()
     _stop_on_signals(stop)
+    server = None
+    if cfg.http_port is not None:
+        from coordinator.fleet_view import FleetView
+        from fedscan.http import BackgroundServer
+
+        view = FleetView(topics, accept=lambda agent: store.get_agent(agent) is not None)
+        view.attach(transport)
+        server = BackgroundServer(coordinator_app(store, view, cfg.rounds), cfg.http_host, cfg.http_port)
+        server.start()
+        log.info("dashboard on http://%s:%d/dashboard, metrics on /metrics", cfg.http_host, cfg.http_port)
     coord.start()
     threading.Thread(target=driver.run, args=(stop,), name="rollout-driver", daemon=True).start()
     try:
@@ -136,6 +168,8 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
             log.info("all %d rounds complete; serving models and fleet state until stopped", cfg.rounds)
             stop.wait()
     finally:
+        if server is not None:
+            server.stop()
         transport.close(graceful_payload=(topics.coordinator_status(), offline))
         store.close()
     return 0
@@ -152,6 +186,11 @@ class AgentConfig:
     threads: int | None = None
     fleet: str = "default"
     trust: Path | None = None  # trusted model-signing keys; None: signatures not checked (logged)
+    http_port: int | None = None  # diagnosis API (FEDSCAN_API_TOKENS for bearer tokens)
+    http_host: str = "127.0.0.1"
+    dicom_port: int | None = None  # C-STORE listener
+    dicom_aets: tuple[str, ...] = ()
+    telemetry: bool = True
 
 
 def load_agent_data(data: Path | None, indices: Path | None) -> ArrayDataset | None:
@@ -161,6 +200,86 @@ def load_agent_data(data: Path | None, indices: Path | None) -> ArrayDataset | N
     if indices is not None:
         ds = ds.subset(np.load(indices))
     return ds
+
+
+@dataclass
+class EdgeServices:
+    """The agent's serving side: served model, local store, audit, diagnosis API, telemetry, gates."""
+
+    served: Any
+    store: Any
+    metrics: Any
+    gates: Any
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()
+
+
+def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTransport) -> EdgeServices:
+    """Wire the diagnosis service, telemetry and resource gates around an agent (composition root)."""
+    from edge_agent.audit import AuditLog
+    from edge_agent.gates import GateController
+    from edge_agent.metrics import AgentMetrics
+    from edge_agent.serving import ServedModel
+    from edge_agent.store import LocalStore
+    from edge_agent.telemetry import TelemetryPublisher, TelemetrySampler, period_from_profile
+    from export.engines import EngineArtifacts, select_engine
+
+    profile = cfg.profile
+    metrics = AgentMetrics()
+    served = ServedModel()
+    store = LocalStore(cfg.state_dir / "local-store")
+    order = list(profile.export.engine_order) if profile.export else ["ort-cpu", "torch"]
+    threads = (profile.serving.threads if profile.serving else None) or 1
+
+    def activate(manifest: Any, tensors: Tensors) -> None:
+        from edge_agent.installer import build_from_manifest
+
+        artifacts = EngineArtifacts(torch_model=build_from_manifest(manifest, tensors),
+                                    input_shape=(manifest.input.channels, manifest.input.height, manifest.input.width))
+        engine, attempts = select_engine(artifacts, order, threads=threads)
+        served.swap_manifest(manifest, engine, default_preprocessing=profile.preprocessing)
+        metrics.set_model_version(manifest.version)
+        agent.engine_report = {"engine": engine.name, "skipped": {a.name: a.reason for a in attempts if not a.ok}}
+
+    agent.installer.add_listener(activate)
+    gates = GateController.from_profile(profile, hook=agent.pause, on_change=metrics.on_gate_change)
+    gates.start()
+    svc = EdgeServices(served, store, metrics, gates, [gates.stop])
+    if cfg.telemetry:
+        sampler = TelemetrySampler(disk_path=str(cfg.state_dir), inference=metrics.inference_summary,
+                                   training=metrics.training_summary, model_version=metrics.model_version)
+        publisher = TelemetryPublisher(sampler, transport, agent.topics.telemetry(cfg.agent_id),
+                                       period_s=period_from_profile(profile))
+        publisher.listeners += [gates.observe, metrics.observe_resources]
+        publisher.start()
+        svc.closers.append(publisher.stop)
+    if cfg.http_port is not None or cfg.dicom_port is not None:
+        from edge_agent.api import create_app
+        from edge_agent.api.settings import ApiSettings
+        from edge_agent.metrics import metrics_router
+        from fedscan.http import BackgroundServer
+
+        audit = AuditLog(cfg.state_dir / "audit.jsonl")
+        app = create_app(ApiSettings.from_env(), served, store, audit, accept=profile.input, serving=profile.serving,
+                         on_inference_request=[gates.on_inference_request],
+                         on_result=[metrics.observe_inference, gates.on_inference_done],
+                         extra_routers=[metrics_router(metrics.registry)])
+        if cfg.http_port is not None:
+            server = BackgroundServer(app, cfg.http_host, cfg.http_port)
+            server.start()
+            svc.closers.append(server.stop)
+            log.info("diagnosis API on http://%s:%d/v1/diagnose", cfg.http_host, cfg.http_port)
+        if cfg.dicom_port is not None:
+            from edge_agent.dicom_scp import DicomSCP
+
+            scp = DicomSCP(app.state.service, allowed_calling_aets=list(cfg.dicom_aets), host=cfg.http_host,
+                           port=cfg.dicom_port)
+            scp.start()
+            svc.closers.append(scp.stop)
+    return svc
 
 
 def run_agent(cfg: AgentConfig, stop: threading.Event | None = None) -> int:
@@ -178,13 +297,30 @@ def run_agent(cfg: AgentConfig, stop: threading.Event | None = None) -> int:
     transport = MqttTransport(cfg.agent_id, host, port, will=(topics.status(cfg.agent_id), offline))
     transport.connect()
     agent = EdgeAgent(settings, transport, dataset)
+    services = build_edge_services(cfg, agent, transport)
+    if dataset is None:
+        agent.dataset_provider = lambda: _confirmed_examples(services.store, cfg.profile)
     stop = stop or threading.Event()
     _stop_on_signals(stop)
+    if agent.installer.active_version is not None:
+        agent.installer.activate(agent.installer.active_version)  # serve what we served before a restart
     agent.start()
-    log.info("agent %s up: %d local examples, profile %s", cfg.agent_id, len(dataset) if dataset else 0,
+    log.info("agent %s up: %s, profile %s", cfg.agent_id,
+             f"{len(dataset)} local examples" if dataset is not None else "training on confirmed findings",
              cfg.profile.name)
     try:
         agent.run(stop)
     finally:
+        services.close()
         transport.close(graceful_payload=(topics.status(cfg.agent_id), offline))
     return 0
+
+
+def _confirmed_examples(store: Any, profile: FirmwareProfile) -> Any:
+    """Clinician-confirmed studies of the local store, as model inputs (already preprocessed)."""
+    from torch.utils.data import TensorDataset
+
+    ex = store.training_examples(classes=list(profile.model.classes))
+    if ex.y is None or len(ex.y) == 0:
+        return None
+    return TensorDataset(torch.from_numpy(ex.x), torch.from_numpy(ex.y.astype(np.int64)))

@@ -35,6 +35,8 @@ class Federation:
     sizes: list[int]
     rounds: int = 2
     seed: int = 0
+    lr: float = 0.02
+    local_epochs: int = 1
     extra_coordinator_args: list[str] = field(default_factory=list)
     coordinator: subprocess.Popen[bytes] | None = None
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -66,7 +68,8 @@ class Federation:
         self.coordinator = self._spawn(
             ["coordinator", "--state", str(self.state), "--broker", f"127.0.0.1:{self.port}",
              "--val-data", str(self.data), "--rounds", str(self.rounds), "--min-clients", str(len(self.sizes)),
-             "--local-epochs", "1", "--lr", "0.05", "--seed", str(self.seed), "--threads", "1",
+             "--local-epochs", str(self.local_epochs), "--lr", str(self.lr), "--loss", "balanced_ce",
+             "--seed", str(self.seed), "--threads", "1",
              *self.extra_coordinator_args],
             self.state / "coordinator.log",
         )

@@ -40,7 +40,8 @@ def _history(fed: Federation) -> list[tuple[str, str | None, list[str], str]]:
 
 def test_two_rounds_three_agent_processes(tmp_path: Path, broker: Broker, pneumonia_npz: Path) -> None:
     train = load_medmnist(pneumonia_npz, "train")
-    fed = Federation(tmp_path, broker.port, pneumonia_npz, sizes=[600, 600, 600], rounds=2)
+    # 2 local epochs, lr 0.02, class-balanced loss: balanced accuracy 0.77 in-process with these seeds
+    fed = Federation(tmp_path, broker.port, pneumonia_npz, sizes=[600, 600, 600], rounds=2, local_epochs=2)
     fed.prepare(train.labels).close()
     fed.start_all()
     try:
