@@ -59,7 +59,8 @@ class Config:
     quick: bool
     threads: int
     small_steps: int
-    resnet_steps: int
+    resnet_steps: int  # at 224x224, batch 8, after resnet_pre_steps at 112x112, batch 16
+    resnet_pre_steps: int
     resnet_test: int  # test images for ResNet-18 agreement/accuracy (0 = all)
     calib: int
     iters_b1: int
@@ -68,9 +69,9 @@ class Config:
 
 def make_config(quick: bool, threads: int) -> Config:
     if quick:
-        return Config(True, threads, small_steps=80, resnet_steps=10, resnet_test=24, calib=16, iters_b1=10,
+        return Config(True, threads, small_steps=80, resnet_steps=6, resnet_pre_steps=16, resnet_test=24, calib=16, iters_b1=10,
                       iters_b8=5)
-    return Config(False, threads, small_steps=600, resnet_steps=200, resnet_test=0, calib=128, iters_b1=100,
+    return Config(False, threads, small_steps=600, resnet_steps=40, resnet_pre_steps=160, resnet_test=0, calib=128, iters_b1=100,
                   iters_b8=30)
 
 
@@ -83,16 +84,8 @@ def to_input(ds: ArrayDataset, size: int) -> np.ndarray:
     return x.numpy()
 
 
-def train(model: nn.Module, ds: ArrayDataset, *, steps: int, batch: int, size: int, lr: float, seed: int,
-          qat: bool = False) -> nn.Module:
-    """Adam with class-balanced sampling (the train split is 1:3), so predictions are not one class."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    counts = ds.class_counts()
-    p = (1.0 / counts)[ds.labels]
-    p /= p.sum()
-    m = prepare_qat(model) if qat else model
-    m.train()
+def _train_phase(m: nn.Module, ds: ArrayDataset, p: np.ndarray, rng: np.random.Generator, *, steps: int,
+                 batch: int, size: int, lr: float, qat: bool) -> None:
     opt = torch.optim.Adam(m.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps):
@@ -107,6 +100,25 @@ def train(model: nn.Module, ds: ArrayDataset, *, steps: int, batch: int, size: i
         loss.backward()
         opt.step()
         sched.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            print(f"    {size}x{size} step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+
+
+def train(model: nn.Module, ds: ArrayDataset, *, steps: int, batch: int, size: int, lr: float, seed: int,
+          qat: bool = False, pre_steps: int = 0, pre_batch: int = 0, pre_size: int = 0, pre_lr: float = 0.0
+          ) -> nn.Module:
+    """Adam with class-balanced sampling (the train split is 1:3), so predictions are not one class.
+    ``pre_*``: a cheaper first phase at a lower resolution (progressive resizing), then ``size``."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    counts = ds.class_counts()
+    p = (1.0 / counts)[ds.labels]
+    p /= p.sum()
+    m = prepare_qat(model) if qat else model
+    m.train()
+    if pre_steps:
+        _train_phase(m, ds, p, rng, steps=pre_steps, batch=pre_batch, size=pre_size, lr=pre_lr, qat=False)
+    _train_phase(m, ds, p, rng, steps=steps, batch=batch, size=size, lr=lr, qat=qat)
     m.eval()
     return m
 
@@ -125,7 +137,7 @@ def trained(name: str, build: Callable[[], nn.Module], ds: ArrayDataset, real: b
     t = time.perf_counter()
     m = train(model, ds, **kw)
     m = to_float(m) if qat else m  # QAT-trained weights, exported as a float model then INT8-calibrated
-    print(f"  {name}: trained {kw['steps']} steps in {time.perf_counter() - t:.1f} s")
+    print(f"  {name}: trained {kw.get('pre_steps', 0) + kw['steps']} steps in {time.perf_counter() - t:.1f} s")
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(m.state_dict(), path)
     return m.eval()
@@ -133,8 +145,8 @@ def trained(name: str, build: Callable[[], nn.Module], ds: ArrayDataset, real: b
 
 # -- measurement ------------------------------------------------------------------------------------
 def latencies(engines: list[InferenceEngine], x: np.ndarray, iters: int, rounds: int = 5
-              ) -> list[tuple[float, float, float]]:
-    """(p50 ms, p99 ms, images/s) of ``engine.predict(x)`` per engine, after warm-up.
+              ) -> list[tuple[float, float, float, float]]:
+    """(p50 ms, p99 ms, images/s, min ms) of ``engine.predict(x)`` per engine, after warm-up.
 
     Engines are interleaved in ``rounds`` so that load from other processes on a shared machine
     falls on all of them alike instead of on whichever ran at the wrong moment."""
@@ -152,7 +164,8 @@ def latencies(engines: list[InferenceEngine], x: np.ndarray, iters: int, rounds:
     out = []
     for ts in times:
         ms = np.array(ts) * 1e3
-        out.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), float(len(x) * 1e3 / ms.mean())))
+        out.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), float(len(x) * 1e3 / ms.mean()),
+                    float(ms.min())))
     return out
 
 
@@ -213,11 +226,13 @@ def bench_model(model_name: str, model: nn.Module, size: int, splits: dict[str, 
         x = test_x[:b] if len(test_x) >= b else np.repeat(test_x[:1], b, axis=0)
         timings = latencies([e for e, _, _ in engines], x, iters)
         base = timings[0][0]
-        for (engine, is_verified, artifact), top1, (p50, p99, thr) in zip(engines, quality, timings, strict=True):
+        for (engine, is_verified, artifact), top1, (p50, p99, thr, best) in zip(engines, quality, timings,
+                                                                                 strict=True):
             rows.append({
                 "model": model_name, "input": f"{size}x{size}", "engine": engine.name, "artifact": artifact,
                 "verified": bool(is_verified), "batch": b, "threads": cfg.threads, "iters": iters,
-                "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "throughput_per_s": round(thr, 1),
+                "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "min_ms": round(best, 3),
+                "throughput_per_s": round(thr, 1), "load_avg_1m": round(os.getloadavg()[0], 2),
                 "speedup_vs_torch_p50": round(base / p50, 3),
                 "agreement": round(float(np.mean(top1 == ref_top1)), 4),
                 "accuracy": round(float(np.mean(top1 == test_y)), 4),
@@ -226,7 +241,7 @@ def bench_model(model_name: str, model: nn.Module, size: int, splits: dict[str, 
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["model", "engine", "batch", "p50_ms", "p99_ms", "throughput_per_s", "speedup_vs_torch_p50",
+    cols = ["model", "engine", "batch", "p50_ms", "p99_ms", "min_ms", "throughput_per_s", "speedup_vs_torch_p50",
             "agreement", "accuracy", "verified"]
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
@@ -273,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print("== ResNet-18 224x224 (imagenet stem, GroupNorm), PneumoniaMNIST upsampled")
         resnet = trained("resnet18_224", lambda: build_model("resnet18", in_channels=1, num_classes=2,
                                                              stem="imagenet"),
-                         splits["train"], real, steps=cfg.resnet_steps, batch=8, size=224, lr=1e-3, seed=0)
+                         splits["train"], real, steps=cfg.resnet_steps, batch=8, size=224, lr=5e-4, seed=0,
+                         pre_steps=cfg.resnet_pre_steps, pre_batch=16, pre_size=112, pre_lr=2e-3)
         bench_model("resnet18", resnet, 224, splits, cfg, Path(tmp) / "resnet18", rows, skipped)
 
     print_table(rows)
@@ -294,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"quick": cfg.quick, "threads": cfg.threads, "real_data": real, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "tensorrt": trt_reason, "tensorrt_available": trt_ok, "seconds": round(time.perf_counter() - t0, 1)}
+            "tensorrt": trt_reason, "tensorrt_available": trt_ok,
+            "load_avg_1m_5m_15m_at_end": [round(v, 2) for v in os.getloadavg()], "seconds": round(time.perf_counter() - t0, 1)}
     args.out.write_text(json.dumps({"rows": rows, "skipped": skipped, "target": verdict, **extra, "meta": meta},
                                    indent=1) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "

@@ -52,20 +52,23 @@ def model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def test_images() -> tuple[np.ndarray, np.ndarray]:
+def held_out() -> tuple[np.ndarray, np.ndarray]:
     return _images("test", 128)
 
 
 @pytest.fixture(scope="module")
-def fp32(model: torch.nn.Module, test_images: tuple[np.ndarray, np.ndarray], tmp_path_factory: pytest.TempPathFactory
-         ) -> Path:
+def fp32(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     p = tmp_path_factory.mktemp("fp32") / "m.onnx"
-    export_verified_onnx(model, p, input_spec=SPEC, verify_images=test_images[0], verify_labels=test_images[1])
+    export_verified_onnx(model, p, input_spec=SPEC, verify_images=held_out[0], verify_labels=held_out[1])
     return p
 
 
-def test_fp32_export_verifies_with_opset_and_dynamic_batch(model, test_images, fp32) -> None:
-    x, y = test_images
+def test_fp32_export_verifies_with_opset_and_dynamic_batch(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], fp32: Path
+) -> None:
+    x, y = held_out
     v = verify_onnx(fp32, model, x, labels=y)
     assert v.samples == len(x) and v.max_abs_diff < 1e-4 and v.top1_agreement == 1.0
     assert v.accuracy == v.reference_accuracy
@@ -79,7 +82,9 @@ def test_fp32_export_verifies_with_opset_and_dynamic_batch(model, test_images, f
         assert sess.run(None, {"input": x[:n]})[0].shape == (n, 2)
 
 
-def test_tampered_export_fails_verification(model, test_images, fp32, tmp_path) -> None:
+def test_tampered_export_fails_verification(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], fp32: Path, tmp_path: Path
+) -> None:
     proto = onnx.load(str(fp32))
     init = next(t for t in proto.graph.initializer if t.name == "classifier.weight")
     w = numpy_helper.to_array(init)
@@ -88,38 +93,44 @@ def test_tampered_export_fails_verification(model, test_images, fp32, tmp_path) 
     onnx.save(proto, str(bad))
     check_onnx(bad)  # still a valid model: only verification can tell
     with pytest.raises(VerificationError) as err:
-        verify_onnx(bad, model, test_images[0])
+        verify_onnx(bad, model, held_out[0])
     assert err.value.reason == "verification_failed" and "max abs diff" in str(err.value)
 
 
-def test_small_weight_change_is_caught_by_the_abs_tolerance(model, test_images, fp32, tmp_path) -> None:
+def test_small_weight_change_is_caught_by_the_abs_tolerance(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], fp32: Path, tmp_path: Path
+) -> None:
     proto = onnx.load(str(fp32))
     init = next(t for t in proto.graph.initializer if t.name == "classifier.bias")
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
     bad = tmp_path / "nudged.onnx"
     onnx.save(proto, str(bad))
     with pytest.raises(VerificationError, match="max abs diff"):
-        verify_onnx(bad, model, test_images[0])
+        verify_onnx(bad, model, held_out[0])
 
 
-def test_verification_against_another_model_fails(model, test_images, tmp_path) -> None:
+def test_verification_against_another_model_fails(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     other = build_model("small_cnn", width=8)  # a different model as reference: must be refused
     p = tmp_path / "m.onnx"
     export_onnx(model, p, input_spec=SPEC)
     with pytest.raises(VerificationError):
-        verify_onnx(p, other, test_images[0])
+        verify_onnx(p, other, held_out[0])
 
 
-def test_failed_verification_leaves_no_file(model, test_images, tmp_path) -> None:
+def test_failed_verification_leaves_no_file(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     p = tmp_path / "m.onnx"
     impossible = Tolerance(max_abs_diff=-1.0, min_top1_agreement=1.0)
     with pytest.raises(VerificationError):
-        export_verified_onnx(model, p, input_spec=SPEC, verify_images=test_images[0], tolerance=impossible)
+        export_verified_onnx(model, p, input_spec=SPEC, verify_images=held_out[0], tolerance=impossible)
     assert not p.exists() and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("content", [b"", b"not an onnx model at all", None])
-def test_corrupt_onnx_is_a_typed_error(fp32, tmp_path, content) -> None:
+def test_corrupt_onnx_is_a_typed_error(fp32: Path, tmp_path: Path, content: bytes | None) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(fp32.read_bytes()[: len(fp32.read_bytes()) // 2] if content is None else content)
     with pytest.raises(BadArtifact) as err:
@@ -131,7 +142,9 @@ def test_corrupt_onnx_is_a_typed_error(fp32, tmp_path, content) -> None:
         check_onnx(tmp_path / "missing.onnx")
 
 
-def test_int8_has_int8_initializers_qdq_nodes_and_agrees(model, test_images, fp32, tmp_path) -> None:
+def test_int8_has_int8_initializers_qdq_nodes_and_agrees(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], fp32: Path, tmp_path: Path
+) -> None:
     calib, _ = _images("val", 64)
     out = tmp_path / "m.int8.onnx"
     check = quantize_int8(fp32, out, calib_images=calib)
@@ -139,18 +152,26 @@ def test_int8_has_int8_initializers_qdq_nodes_and_agrees(model, test_images, fp3
     int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(int8_weights) == 3  # the three conv weights, per-channel int8
     assert check.int8_initializers >= 3 and check.quantize_nodes > 0 and check.dequantize_nodes > 0
-    v = verify_onnx(out, model, test_images[0], tolerance=INT8_TOLERANCE)
+    v = verify_onnx(out, model, held_out[0], tolerance=INT8_TOLERANCE)
     assert v.top1_agreement >= INT8_TOLERANCE.min_top1_agreement and v.max_abs_diff > 0
     with pytest.raises(BadArtifact) as err:
         check_int8(fp32)  # the FP32 model is not INT8
     assert err.value.reason == "not_int8"
 
 
-def test_export_model_lists_verified_artifacts_and_no_fake_engine(model, test_images, tmp_path) -> None:
+def test_export_model_lists_verified_artifacts_and_no_fake_engine(
+    model: torch.nn.Module, held_out: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     calib, _ = _images("val", 32)
-    arts = export_model(model, input_spec=SPEC, calib_images=calib, verify_images=test_images[0],
-                        verify_labels=test_images[1], out_dir=tmp_path,
-                        targets=[ExportTarget(name="jetson", device="cuda", precision="fp16")])
+    arts = export_model(
+        model,
+        input_spec=SPEC,
+        calib_images=calib,
+        verify_images=held_out[0],
+        verify_labels=held_out[1],
+        out_dir=tmp_path,
+        targets=[ExportTarget(name="jetson", device="cuda", precision="fp16")],
+    )
     kinds = [a.kind for a in arts]
     assert kinds[:2] == ["onnx-fp32", "onnx-int8"]
     for a in arts:
@@ -160,6 +181,7 @@ def test_export_model_lists_verified_artifacts_and_no_fake_engine(model, test_im
         assert {"max_abs_diff", "top1_agreement", "accuracy", "samples"} <= set(a.verification)
     try:
         import tensorrt  # type: ignore[import-not-found]  # noqa: F401
+
         import_ok = torch.cuda.is_available()
     except ImportError:
         import_ok = False
@@ -172,7 +194,9 @@ def test_export_model_lists_verified_artifacts_and_no_fake_engine(model, test_im
 
 
 def test_export_package_does_not_import_coordinator() -> None:
-    code = ("import sys, export, export.pipeline, export.engines, export.tensorrt_build;"
-            "bad = [m for m in sys.modules if m.split('.')[0] == 'coordinator'];"
-            "assert not bad, bad")
+    code = (
+        "import sys, export, export.pipeline, export.engines, export.tensorrt_build;"
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'coordinator'];"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

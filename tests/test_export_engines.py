@@ -48,7 +48,7 @@ def _no_gpu_stack() -> None:
         pytest.skip("this machine has a GPU / TensorRT: the CPU-only fallback is not what happens here")
 
 
-def test_chain_falls_back_to_ort_cpu_and_records_why(model, onnx_paths) -> None:
+def test_chain_falls_back_to_ort_cpu_and_records_why(model: torch.nn.Module, onnx_paths: tuple[Path, Path]) -> None:
     _no_gpu_stack()
     arts = EngineArtifacts(onnx_fp32=onnx_paths[0], torch_model=model, input_shape=(1, 28, 28))
     engine, attempts = select_engine(arts, ["tensorrt", "ort-cuda", "ort-cpu"], threads=1)
@@ -65,7 +65,7 @@ def test_chain_falls_back_to_ort_cpu_and_records_why(model, onnx_paths) -> None:
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
 
-def test_default_profile_order_selects_cpu(model, onnx_paths) -> None:
+def test_default_profile_order_selects_cpu(model: torch.nn.Module, onnx_paths: tuple[Path, Path]) -> None:
     _no_gpu_stack()
     order = ExportSection().engine_order
     engine, attempts = select_engine(EngineArtifacts(onnx_fp32=onnx_paths[0], torch_model=model), order, threads=1)
@@ -73,13 +73,13 @@ def test_default_profile_order_selects_cpu(model, onnx_paths) -> None:
     assert all(not a.ok and a.reason for a in attempts[:-1]) and attempts[-1].ok
 
 
-def test_int8_precision_runs_the_int8_model(onnx_paths) -> None:
+def test_int8_precision_runs_the_int8_model(onnx_paths: tuple[Path, Path]) -> None:
     arts = EngineArtifacts(onnx_fp32=onnx_paths[0], onnx_int8=onnx_paths[1], precision="int8", input_shape=(1, 28, 28))
     engine, _ = select_engine(arts, ["ort-cpu"], threads=1)
     assert engine.name == "ort-cpu-int8"
 
 
-def test_corrupt_onnx_falls_back_to_torch_with_a_typed_reason(model, tmp_path) -> None:
+def test_corrupt_onnx_falls_back_to_torch_with_a_typed_reason(model: torch.nn.Module, tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage")
     arts = EngineArtifacts(onnx_fp32=bad, torch_model=model, input_shape=(1, 28, 28))
@@ -89,7 +89,7 @@ def test_corrupt_onnx_falls_back_to_torch_with_a_typed_reason(model, tmp_path) -
     assert attempts[0].reason.startswith("bad_artifact:")
 
 
-def test_smoke_inference_refuses_an_engine_that_cannot_run(onnx_paths) -> None:
+def test_smoke_inference_refuses_an_engine_that_cannot_run(onnx_paths: tuple[Path, Path]) -> None:
     arts = EngineArtifacts(onnx_fp32=onnx_paths[0], input_shape=(3, 28, 28))  # wrong channel count
     with pytest.raises(NoEngine) as err:
         select_engine(arts, ["ort-cpu"], threads=1)
@@ -105,7 +105,7 @@ def test_nothing_available_raises_no_engine_with_all_reasons() -> None:
     assert "unknown engine" in reasons["warp-drive"]
 
 
-def test_torch_cuda_and_ort_gpu_say_why_without_a_gpu(model, onnx_paths) -> None:
+def test_torch_cuda_and_ort_gpu_say_why_without_a_gpu(model: torch.nn.Module, onnx_paths: tuple[Path, Path]) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     from export.errors import EngineUnavailable
@@ -118,7 +118,7 @@ def test_torch_cuda_and_ort_gpu_say_why_without_a_gpu(model, onnx_paths) -> None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch-cuda FP16 / CUDA graphs not testable")
-def test_torch_cuda_fp16_and_graphs_agree_with_cpu(model) -> None:
+def test_torch_cuda_fp16_and_graphs_agree_with_cpu(model: torch.nn.Module) -> None:
     x = np.random.default_rng(2).normal(size=(4, 1, 28, 28)).astype(np.float32)
     ref = TorchEngine(model).predict(x)
     for graphs in (False, True):

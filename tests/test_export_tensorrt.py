@@ -11,7 +11,7 @@ import torch
 
 from export.errors import EngineUnavailable
 from export.onnx_export import export_onnx
-from export.tensorrt_build import build_engine, engine_cache_key, tensorrt_status
+from export.tensorrt_build import Precision, build_engine, engine_cache_key, tensorrt_status
 from learning.models import build_model
 from protocol.manifest import InputSpec
 
@@ -41,7 +41,7 @@ def test_cache_key_separates_gpu_version_precision_and_batch_range() -> None:
 
 
 @pytest.mark.skipif(HAS_TRT and torch.cuda.is_available(), reason="tensorrt and a GPU are present")
-def test_builder_says_unavailable_and_writes_nothing(onnx_path, tmp_path) -> None:
+def test_builder_says_unavailable_and_writes_nothing(onnx_path: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
     ok, reason = tensorrt_status()
     assert not ok and reason.startswith("unavailable:")
     with pytest.raises(EngineUnavailable) as err:
@@ -53,7 +53,7 @@ def test_builder_says_unavailable_and_writes_nothing(onnx_path, tmp_path) -> Non
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU for TensorRT")
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt does not import here (not installable on this machine)")
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_build_run_and_cache(onnx_path, tmp_path, precision) -> None:
+def test_build_run_and_cache(onnx_path: tuple[torch.nn.Module, Path], tmp_path: Path, precision: Precision) -> None:
     from export.engines import TensorRTEngine
 
     model, path = onnx_path

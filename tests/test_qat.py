@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -59,11 +61,13 @@ def test_prepare_works_on_a_copy_and_to_float_restores() -> None:
     model = build_model("small_cnn", width=8)
     qat = prepare_qat(model)
     assert not is_qat(model) and is_qat(qat)
-    assert isinstance(qat.features[0], QATConv2d) and type(model.features[0]) is nn.Conv2d
+    first = next(m for m in qat.modules() if isinstance(m, nn.Conv2d))
+    assert type(first) is QATConv2d
+    assert type(next(m for m in model.modules() if isinstance(m, nn.Conv2d))) is nn.Conv2d
     with pytest.raises(ValueError):
         prepare_qat(qat)
     back = to_float(qat)
-    assert not is_qat(back) and type(back.features[0]) is nn.Conv2d
+    assert not is_qat(back) and type(next(m for m in back.modules() if isinstance(m, nn.Conv2d))) is nn.Conv2d
     assert not any(isinstance(m, ActivationFakeQuant) for m in back.modules())
     x = _batch(8)[0]
     with torch.no_grad():
@@ -109,8 +113,10 @@ def test_qat_trains_a_groupnorm_model_and_freezing_stops_observers() -> None:
     freeze_observers(qat)
     before = [(fq.min_val.clone(), fq.max_val.clone()) for fq in fake_quant_modules(qat)]
     qat(x * 10)
-    assert all(torch.equal(a, fq.min_val) and torch.equal(b, fq.max_val)
-               for (a, b), fq in zip(before, fake_quant_modules(qat), strict=True))
+    assert all(
+        torch.equal(a, fq.min_val) and torch.equal(b, fq.max_val)
+        for (a, b), fq in zip(before, fake_quant_modules(qat), strict=True)
+    )
 
 
 def test_profile_switches_qat() -> None:
@@ -121,13 +127,14 @@ def test_profile_switches_qat() -> None:
     assert is_qat(maybe_prepare_qat(model, profile))
 
 
-def test_qat_model_exports_as_its_float_twin(tmp_path) -> None:
+def test_qat_model_exports_as_its_float_twin(tmp_path: Path) -> None:
     torch.manual_seed(0)
     qat = prepare_qat(build_model("small_cnn", width=8)).train()
     x = _batch(64)[0]
     qat(x)
-    v = export_verified_onnx(qat, tmp_path / "q.onnx", input_spec=InputSpec(channels=1, height=28, width=28),
-                             verify_images=x.numpy())
+    v = export_verified_onnx(
+        qat, tmp_path / "q.onnx", input_spec=InputSpec(channels=1, height=28, width=28), verify_images=x.numpy()
+    )
     assert v.max_abs_diff < 1e-4
     assert is_qat(qat)  # the trained model is left as it was
     assert np.isfinite(v.max_abs_diff)
