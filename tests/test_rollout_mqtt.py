@@ -16,7 +16,9 @@ import pytest
 from fedproc import wait_for
 from mqtt_broker import Broker
 
+from coordinator.keys import ensure_signing_key
 from coordinator.model_repo import ModelRepository
+from coordinator.rollout import order_agents
 from coordinator.store import Store, open_store
 from protocol.messages import Shadow
 from protocol.signing import SigningKey
@@ -92,14 +94,15 @@ class Fleet:
                 parts.append(f"===== {log}\n" + log.read_text(errors="replace")[-2500:])
         return "\n".join(parts)
 
-    def up(self, store: Store) -> None:
-        """Coordinator (creates key + v0), then the agents with its trust store; all serve v0."""
+    def up(self, store: Store, agents: list[str] | None = None) -> None:
+        """Coordinator and agents (with the coordinator's trust store, provisioned first); all serve v0."""
+        ensure_signing_key(self.state)  # what the coordinator would do on its first start
         self.start_coordinator()
-        wait_for(lambda: (self.state / "keys" / "trust.json").exists() and store.get_model("v0") is not None, 60,
-                 "coordinator to create its key and v0", None)
-        for a in self.agents:
+        agents = self.agents if agents is None else agents
+        for a in agents:
             self.start_agent(a)
-        wait_for(lambda: all(x.reported_version == "v0" for x in store.list_agents()), 90, "every agent on v0", None)
+        wait_for(lambda: all(x.reported_version == "v0" for x in store.list_agents() if x.agent_id in agents), 180,
+                 "every agent on v0", None)
 
     def register(self, store: Store, version: str, key: SigningKey | None = None, **changes: object) -> None:
         """A new candidate model beside v0 (a perturbed copy), signed by ``key`` (default: the coordinator's)."""
@@ -120,11 +123,14 @@ class Fleet:
 
 def test_staged_rollout_to_ten_agent_processes_survives_a_coordinator_restart(tmp_path: Path, broker: Broker
                                                                              ) -> None:
+    """10 agent processes, stages 1 → 3 → 10; the coordinator is SIGKILLed during stage 2 and resumes
+    the rollout from the store; the last agent of the order is offline until stage 3 and catches up."""
     fleet = Fleet(tmp_path, broker.port, [f"box-{i:02d}" for i in range(10)])
     fleet.enroll(["eu", "radiology"])
+    offline = order_agents(fleet.agents, "v1")[-1]
     store = fleet.store()
     try:
-        fleet.up(store)
+        fleet.up(store, [a for a in fleet.agents if a != offline])
         fleet.register(store, "v1")
         assert fleet.cli("model", "approve", "v1").returncode == 0
         started = fleet.cli("rollout", "start", "v1", "--cohort-tags", "eu,radiology", "--stages", "5,25,100",
@@ -133,6 +139,7 @@ def test_staged_rollout_to_ten_agent_processes_survives_a_coordinator_restart(tm
         plan = json.loads(started.stdout)
         assert plan["stages"] == [1, 3, 10] and plan["state"] == "running"
         order: list[str] = plan["agents"]
+        assert order[-1] == offline
 
         seen: list[set[str]] = []
 
@@ -153,6 +160,9 @@ def test_staged_rollout_to_ten_agent_processes_survives_a_coordinator_restart(tm
         fleet.kill("coordinator")
         assert store.list_rollouts()[-1].state == "running"
         fleet.start_coordinator()
+        wait_for(lambda: desired_v1() is not None and store.list_rollouts()[-1].stage == 2, 60, "stage 3", None)
+        assert store.get_agent(offline).reported_version is None  # type: ignore[union-attr]
+        fleet.start_agent(offline)  # back online: catches up from its retained desired shadow
         wait_for(lambda: desired_v1() is not None and store.list_rollouts()[-1].state == "complete", 120,
                  "rollout to complete", None, poll=0.05)
         wait_for(lambda: all(a.reported_version == a.desired_version == "v1" for a in store.list_agents()), 60,
