@@ -30,7 +30,7 @@ from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.codec import Tensors, TensorSpec
 from protocol.errors import FrameError, MalformedMessage, ProtocolError, UnknownTopic
 from protocol.frame import decode_update, encode_model
-from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry
+from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry, ValidationBatch
 from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
 from protocol.signing import SigningKey
 from protocol.tensors import tensor_hash
@@ -96,6 +96,7 @@ class Coordinator:
         evaluator: Evaluator | None = None,
         on_round: Callable[[int, str, dict[str, float]], None] | None = None,
         signer: SigningKey | None = None,
+        validation_batch: ValidationBatch | None = None,
     ) -> None:
         self.store, self.blobs, self.repo = store, blobs, repo
         self.transport, self.topics = transport, topics
@@ -111,6 +112,7 @@ class Coordinator:
         self._model_frames: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self.counters: dict[str, int] = {}
         self.signer = signer
+        self.validation_batch = validation_batch  # shipped in every manifest for the on-box accuracy gate
         self.report_listeners: list[Callable[[str, Shadow], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class Coordinator:
             metrics={k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)},
             participants=participants,
             tensors=[TensorEntry(name=k, shape=tuple(v.shape)) for k, v in tensors.items()],
-            tensor_hash=tensor_hash(tensors),
+            tensor_hash=tensor_hash(tensors), validation_batch=self.validation_batch,
         )
         return self.signer.sign_manifest(m) if self.signer is not None else m
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.installer import ModelInstaller, build_from_manifest
+from edge_agent.validation import validation_detail
 from learning.datasets import ArrayDataset
 from learning.state import get_tensors
 from learning.trainer import PauseHook, TrainData, TrainingCancelled, train_local
@@ -257,6 +258,7 @@ class EdgeAgent:
         if self.installer.active_version == version:
             self._report(version)
             return
+        previous = self.installer.active_version
         try:
             self.ensure_model(version)
             self.installer.activate(version)
@@ -266,7 +268,8 @@ class EdgeAgent:
             self._event("install_refused", {"version": version, "reason": reason})
             self._report(self.installer.active_version, refused=version, reason=reason)
             return
-        self._report(version)
+        # accuracy of the new model and of the one it replaced, on the manifest's labelled batch (rollout gate)
+        self._report(version, **validation_detail(self.installer, version, previous))
 
     # -- training and upload -----------------------------------------------------------------------
     def _handle_task(self, task: Task, stop: threading.Event) -> None:

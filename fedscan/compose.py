@@ -25,11 +25,12 @@ from learning.metrics import evaluate
 from learning.models import build_model, model_kwargs_for
 from learning.state import get_tensors, set_tensors
 from protocol.codec import Tensors
-from protocol.manifest import InputSpec
+from protocol.manifest import InputSpec, ValidationBatch
 from protocol.messages import Status, TrainingConfig
 from protocol.profile import FirmwareProfile
 from protocol.topics import Topics
 from protocol.transport import MqttTransport
+from protocol.validation_batch import encode_batch
 
 log = logging.getLogger("fedscan")
 
@@ -63,6 +64,16 @@ def evaluator_for(spec: ModelSpec, data: ArrayDataset, prefix: str = "val_") -> 
         return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
     return run
+
+
+def validation_batch_for(data: ArrayDataset, seed: int, per_class: int = 16) -> ValidationBatch:
+    """A class-balanced labelled batch of model inputs from the coordinator's validation split, shipped
+    in each manifest for the rollout's on-box accuracy gate."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(data.labels == c))[:per_class]
+                                  for c in np.unique(data.labels)]))
+    x, y = data.subset(idx).to_tensor_dataset().tensors
+    return encode_batch(x.numpy(), y.numpy())
 
 
 def parse_broker(address: str) -> tuple[str, int]:
@@ -130,8 +141,11 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     store = open_store(cfg.store_url or f"sqlite:///{cfg.state_dir / 'state.db'}")
     spec = model_spec_for(cfg.profile)
     evaluator = None
+    vbatch = None
     if cfg.val_data is not None:
-        evaluator = evaluator_for(spec, load_medmnist(cfg.val_data, "val"))
+        val = load_medmnist(cfg.val_data, "val")
+        evaluator = evaluator_for(spec, val)
+        vbatch = validation_batch_for(val, cfg.seed)
     topics = Topics(cfg.fleet)
     host, port = parse_broker(cfg.broker)
     offline = Status(state="offline", role="coordinator").to_bytes()
@@ -144,7 +158,7 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
                                training=cfg.training, codec=cfg.codec, seed=cfg.seed,
                                rollout="manual" if cfg.rollout == "manual" else "auto"),
         model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator,
-        signer=ensure_signing_key(cfg.state_dir),
+        signer=ensure_signing_key(cfg.state_dir), validation_batch=vbatch,
     )
     driver = RolloutDriver(RolloutController(store), transport, topics, publish_manifest=coord.publish_manifest)
     coord.report_listeners.append(driver.on_report)
