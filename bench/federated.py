@@ -82,7 +82,8 @@ def main() -> None:
         "fed_minus_centralized_accuracy_points": 100 * (fed_m["accuracy"] - cen_m["accuracy"]),
         "fed_minus_single_site_accuracy_points": 100 * (fed_m["accuracy"] - loc_m["accuracy"]),
         "fed_minus_medmnist_resnet18_accuracy_points": 100 * (fed_m["accuracy"] - MEDMNIST_RESNET18_28["accuracy"]),
-        "within_2_points_of_centralized": abs(fed_m["accuracy"] - cen_m["accuracy"]) <= 0.02,
+        # the target: federated no more than 2 points below centralized (better is fine)
+        "at_most_2_points_below_centralized": fed_m["accuracy"] >= cen_m["accuracy"] - 0.02,
         "above_single_site_mean": fed_m["accuracy"] > loc_m["accuracy"],
     }
     all_rows = rows + summary + [verdict]

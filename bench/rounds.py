@@ -53,7 +53,7 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
                                   env=env, stdout=subprocess.DEVNULL, stderr=open(state / "log", "wb"))]  # noqa: SIM115
         for name in sites:
             procs.append(subprocess.Popen([*py, "agent", "--id", name, "--broker", addr, "--data", str(data),
-                                           "--indices", str(root / name / "indices.npy"), "--threads", "1",
+                                           "--indices", str(root / name / "indices.npy"), "--threads", "1", "--no-resource-gates",
                                            "--state", str(root / name / "state")], env=env,
                                           stdout=subprocess.DEVNULL, stderr=open(root / name / "log", "wb")))  # noqa: SIM115
         try:

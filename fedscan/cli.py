@@ -124,6 +124,8 @@ def agent(
     dicom_port: Annotated[int | None, typer.Option(help="DICOM C-STORE listener port")] = None,
     dicom_aet: Annotated[list[str] | None, typer.Option(help="calling AE title allowed to store (repeat)")] = None,
     telemetry: bool = True,
+    resource_gates: Annotated[bool, typer.Option(help="--no-resource-gates when several simulated agents share "
+                                                 "one machine (inference still pauses training)")] = True,
     verbose: bool = False,
 ) -> None:
     """Run an edge agent: train on local images, upload updates, install models, serve diagnoses."""
@@ -132,7 +134,8 @@ def agent(
     _logging(verbose)
     cfg = AgentConfig(agent_id=id, broker=broker, profile=_profile(profile), state_dir=state, data=data,
                       indices=indices, threads=threads, fleet=fleet, trust=trust, http_port=http_port,
-                      dicom_port=dicom_port, dicom_aets=tuple(dicom_aet or ()), telemetry=telemetry)
+                      dicom_port=dicom_port, dicom_aets=tuple(dicom_aet or ()), telemetry=telemetry,
+                      resource_gates=resource_gates)
     _run(lambda: run_agent(cfg))
 
 

@@ -205,6 +205,7 @@ class AgentConfig:
     dicom_port: int | None = None  # C-STORE listener
     dicom_aets: tuple[str, ...] = ()
     telemetry: bool = True
+    resource_gates: bool = True  # off when several simulated agents share one machine (demo, tests)
 
 
 def load_agent_data(data: Path | None, indices: Path | None) -> ArrayDataset | None:
@@ -259,7 +260,11 @@ def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTrans
         agent.engine_report = {"engine": engine.name, "skipped": {a.name: a.reason for a in attempts if not a.ok}}
 
     agent.installer.add_listener(activate)
-    gates = GateController.from_profile(profile, hook=agent.pause, on_change=metrics.on_gate_change)
+    if cfg.resource_gates:
+        gates = GateController.from_profile(profile, hook=agent.pause, on_change=metrics.on_gate_change)
+    else:  # inference still pauses training; CPU/GPU/window limits are off
+        log.warning("resource gates are off (co-located simulation): only inference requests pause training")
+        gates = GateController(None, None, hook=agent.pause, on_change=metrics.on_gate_change)
     gates.start()
     svc = EdgeServices(served, store, metrics, gates, [gates.stop])
     if cfg.telemetry:

@@ -119,7 +119,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             site_dir = cfg.out / "sites" / name
             procs.append(_spawn(["agent", "--id", name, "--broker", addr, "--profile", cfg.profile,
                                  "--state", str(site_dir / "state"), "--data", str(data_path),
-                                 "--indices", str(site_dir / "indices.npy"), "--threads", str(threads)],
+                                 "--indices", str(site_dir / "indices.npy"), "--threads", str(threads),
+                                 "--no-resource-gates"],
                                 site_dir / "agent.log", threads))
         try:
             _follow(store, coord, cfg)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 class BackgroundServer:
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name=f"http-{port}", daemon=True)
         self.host, self.port = host, port
 

@@ -77,7 +77,7 @@ class Federation:
     def start_agent(self, name: str) -> None:
         self.agents[name] = self._spawn(
             ["agent", "--id", name, "--broker", f"127.0.0.1:{self.port}", "--state", str(self.root / name / "state"),
-             "--data", str(self.data), "--indices", str(self.root / name / "indices.npy"), "--threads", "1"],
+             "--data", str(self.data), "--indices", str(self.root / name / "indices.npy"), "--threads", "1", "--no-resource-gates"],
             self.root / name / "agent.log",
         )
 
