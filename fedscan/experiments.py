@@ -39,6 +39,7 @@ class ArmResult:
     name: str
     per_round: list[dict[str, float]] = field(default_factory=list)  # test metrics after each round
     seconds: float = 0.0
+    uplink: list[dict[str, float]] = field(default_factory=list)  # per update, when a codec is used
 
     @property
     def final(self) -> dict[str, float]:
@@ -70,18 +71,36 @@ def federated(
     training: TrainingConfig, strategy: str = "fedavg", seed: int = 0, threads: int | None = None,
     site_names: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
     on_round: Callable[[Tensors], object] | None = None,
+    codec: str | None = None, chunk_bytes: int = 256 * 1024,
 ) -> ArmResult:
+    """In-process federation. With ``codec``, every update goes through the real frame encoder and
+    decoder (error-feedback state kept per site) and ``out.uplink`` records the chunked payload
+    bytes per update, as the transport counts them."""
+    from protocol.chunks import split
+    from protocol.codec import ErrorFeedbackState
+    from protocol.frame import decode_update, encode_update, specs_of
+
     t0 = time.perf_counter()
     names = list(site_names or [f"site-{i + 1}" for i in range(len(parts))])
     strat = build_strategy(strategy)
     weights = initial(spec, seed)
     out = ArmResult("federated")
+    ef_states = {name: ErrorFeedbackState() for name in names}
     for r in range(1, rounds + 1):
         round_cfg = round_training(training, strat, seed, r)
         results = []
         for name, idx in sorted(zip(names, parts, strict=True)):
             cfg = round_cfg.model_copy(update={"seed": agent_seed(round_cfg.seed, name)})
             tensors = _train(spec, weights, train.subset(idx), cfg, threads, global_tensors=weights)
+            if codec is not None:
+                c0 = time.perf_counter()
+                frame = encode_update(tensors, agent_id=name, round_id=r, base_version=f"v{r - 1}",
+                                      sample_count=len(idx), codec=codec, base=weights, state=ef_states[name],
+                                      seed=cfg.seed)
+                c1 = time.perf_counter()
+                tensors = decode_update(frame, expected=specs_of(weights), base=weights).tensors
+                out.uplink.append({"bytes": sum(len(c) for c in split(frame, f"{name}-{r}", chunk_bytes)),
+                                   "encode_s": c1 - c0, "decode_s": time.perf_counter() - c1})
             results.append(ClientResult(name, tensors, len(idx)))
         weights, _ = strat.aggregate(r, weights, results)
         if on_round is not None:
