@@ -32,6 +32,7 @@ from protocol.errors import FrameError, MalformedMessage, ProtocolError, Unknown
 from protocol.frame import decode_update, encode_model
 from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry, ValidationBatch
 from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
+from protocol.profile import CompressionSection
 from protocol.signing import SigningKey
 from protocol.tensors import tensor_hash
 from protocol.topics import Kind, Topics
@@ -111,6 +112,7 @@ class Coordinator:
         self._accepted: dict[str, Tensors] = {}
         self._model_frames: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self.counters: dict[str, int] = {}
+        self._profile_cache: dict[str, CompressionSection | None] = {}
         self.signer = signer
         self.validation_batch = validation_batch  # shipped in every manifest for the on-box accuracy gate
         self.report_listeners: list[Callable[[str, Shadow], None]] = []
@@ -251,13 +253,31 @@ class Coordinator:
         return round_training(self.settings.training, self.strategy, self.settings.seed, round_id)
 
     def _announce(self, round_id: int, base_version: str, deadline: float) -> None:
-        task = Task(
-            round_id=round_id, base_version=base_version, deadline=deadline, training=self._task_training(round_id),
-            codec=self.settings.codec, chunk_bytes=self.settings.chunk_bytes, window=self.settings.window,
-        ).to_bytes()
+        training = self._task_training(round_id)
         for agent in self.store.list_agents():
-            if not self.store.has_update(round_id, agent.agent_id):
-                self.transport.publish(self.topics.tasks(agent.agent_id), task)
+            if self.store.has_update(round_id, agent.agent_id):
+                continue
+            codec, chunk_bytes, window = self._uplink_for(agent.profile)
+            task = Task(round_id=round_id, base_version=base_version, deadline=deadline, training=training,
+                        codec=codec, chunk_bytes=chunk_bytes, window=window)
+            self.transport.publish(self.topics.tasks(agent.agent_id), task.to_bytes())
+
+    def _uplink_for(self, profile_name: str) -> tuple[str, int, int]:
+        """The round's codec, or with ``codec="profile"`` the one the agent's firmware profile asks
+        for (its bandwidth class), falling back to ``raw`` when the profile has no compression section."""
+        s = self.settings
+        if s.codec != "profile":
+            return s.codec, s.chunk_bytes, s.window
+        if profile_name not in self._profile_cache:
+            from protocol.profile import ProfileError, find_profile
+
+            try:
+                self._profile_cache[profile_name] = find_profile(profile_name).compression
+            except ProfileError as exc:
+                log.warning("profile %s unreadable (%s); sending raw updates", profile_name, exc)
+                self._profile_cache[profile_name] = None
+        c = self._profile_cache[profile_name]
+        return (c.uplink, c.chunk_bytes, c.window) if c is not None else ("raw", s.chunk_bytes, s.window)
 
     def _load_base(self, version: str) -> None:
         self._base_version = version

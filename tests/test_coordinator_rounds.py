@@ -138,3 +138,16 @@ def test_missing_chunks_are_named_in_the_ack(h: Harness) -> None:
     assert ack.missing == [1]
     h.client.publish(h.topics.updates("a1", 1), chunks[1])
     h.wait(lambda: any(a.status == "accepted" for a in h.acks))
+
+
+def test_codec_per_device_profile(tmp_path: Path) -> None:
+    """With codec "profile", each agent's task carries its firmware profile's uplink codec."""
+    hz = Harness(tmp_path, [], min_clients=1)
+    hz.store.enroll_agent("cxr", "xray-cxr-28", [])
+    hz.store.enroll_agent("gpu", "xray-gpu-224", [])
+    hz.store.enroll_agent("odd", "no-such-profile", [])
+    hz.coord.settings = RoundSettings(rounds=1, min_clients=1, deadline_s=30, codec="profile")
+    hz.coord._announce(1, "v0", time.time() + 30)
+    hz.wait(lambda: len(hz.tasks) >= 3)
+    codecs = sorted(t.codec for t in hz.tasks)
+    assert codecs == sorted(["raw", "delta|topk:0.01|ef|q:8|zstd", "raw"])
