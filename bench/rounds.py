@@ -70,10 +70,18 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
                     p.wait(5)
     wall = time.perf_counter() - t0
     first, last = store.get_round(1), store.get_round(rounds)
+    overhead = []  # round duration minus the slowest agent's training time, rounds 2..R
+    for rid in range(2, rounds + 1):
+        r = store.get_round(rid)
+        ups = store.list_updates(rid)
+        if r is not None and ups:
+            overhead.append((r.updated_at - r.created_at) - max(u.metrics.get("seconds", 0.0) for u in ups))
     store.close()
     if procs[0].returncode != 0 or first is None or last is None or last.status != "complete":
         raise RuntimeError(f"distributed run failed; see {state / 'log'}")
-    return {"wall_s": wall, "rounds_s": last.updated_at - first.created_at}
+    return {"wall_s": wall, "rounds_s": last.updated_at - first.created_at,
+            "overhead_s": float(np.median(overhead)) if overhead else float("nan"),
+            "round1_s": first.updated_at - first.created_at}
 
 
 def in_process(data: Path, parts: list[np.ndarray], rounds: int, lr: float, threads: int) -> float:
@@ -107,12 +115,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dist = distributed(Path(tmp), data, parts, args.rounds, lr)
     single = in_process(data, parts, args.rounds, lr, threads=args.sites)
+    single_1t = in_process(data, parts, args.rounds, lr, threads=1)
     rows: list[dict[str, Any]] = [
         {"arm": "one process per agent, real broker (rounds only)", "seconds": dist["rounds_s"],
          "ratio": dist["rounds_s"] / single},
         {"arm": "one process per agent, real broker (incl. start-up)", "seconds": dist["wall_s"],
          "ratio": dist["wall_s"] / single},
-        {"arm": f"single process, {args.sites} torch threads", "seconds": single, "ratio": 1.0},
+        {"arm": f"single process, {args.sites} torch threads (the reference)", "seconds": single, "ratio": 1.0},
+        {"arm": "single process, 1 torch thread (for context)", "seconds": single_1t, "ratio": single_1t / single},
+        {"arm": "distributed: round 1 (process start-up, first model download)", "seconds": dist["round1_s"]},
+        {"arm": "distributed: median per-round time outside training (protocol overhead)",
+         "seconds": dist["overhead_s"]},
     ]
     print_table(rows, ["arm", "seconds", "ratio"])
     print(f"{args.rounds} rounds, {args.sites} sites x {args.per_site} images; target ratio <= 1.10")

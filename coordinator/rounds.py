@@ -105,6 +105,7 @@ class Coordinator:
         self.initial_tensors, self.evaluator, self.on_round = initial_tensors, evaluator, on_round
         self._lock = threading.Condition()
         self._current: int | None = None  # round being collected
+        self._current_task: tuple[int, str, float] | None = None  # (round, base version, deadline)
         self._base_version: str | None = None
         self._base: Tensors | None = None
         self._specs: list[TensorSpec] = []
@@ -219,6 +220,7 @@ class Coordinator:
         self._load_base(base_version)
         with self._lock:
             self._current = round_id
+            self._current_task = (round_id, base_version, deadline)
             self._accepted = {}
         log.info("round %d: collecting from base %s (min %d clients, deadline in %.0fs)", round_id, base_version,
                  self.settings.min_clients, deadline - time.time())
@@ -237,6 +239,7 @@ class Coordinator:
                 self._lock.wait(timeout=0.5)
         with self._lock:
             self._current = None
+            self._current_task = None
         if stop.is_set():
             return
         updates = self.store.list_updates(round_id)
@@ -253,14 +256,15 @@ class Coordinator:
         return round_training(self.settings.training, self.strategy, self.settings.seed, round_id)
 
     def _announce(self, round_id: int, base_version: str, deadline: float) -> None:
-        training = self._task_training(round_id)
         for agent in self.store.list_agents():
-            if self.store.has_update(round_id, agent.agent_id):
-                continue
-            codec, chunk_bytes, window = self._uplink_for(agent.profile)
-            task = Task(round_id=round_id, base_version=base_version, deadline=deadline, training=training,
-                        codec=codec, chunk_bytes=chunk_bytes, window=window)
-            self.transport.publish(self.topics.tasks(agent.agent_id), task.to_bytes())
+            if not self.store.has_update(round_id, agent.agent_id):
+                self._send_task(agent.agent_id, agent.profile, round_id, base_version, deadline)
+
+    def _send_task(self, agent_id: str, profile: str, round_id: int, base_version: str, deadline: float) -> None:
+        codec, chunk_bytes, window = self._uplink_for(profile)
+        task = Task(round_id=round_id, base_version=base_version, deadline=deadline,
+                    training=self._task_training(round_id), codec=codec, chunk_bytes=chunk_bytes, window=window)
+        self.transport.publish(self.topics.tasks(agent_id), task.to_bytes())
 
     def _uplink_for(self, profile_name: str) -> tuple[str, int, int]:
         """The round's codec, or with ``codec="profile"`` the one the agent's firmware profile asks
@@ -444,8 +448,12 @@ class Coordinator:
         except MalformedMessage as exc:
             self._reject("status", agent, None, exc)
             return
-        if self.store.get_agent(agent) is not None:
+        record = self.store.get_agent(agent)
+        if record is not None:
             self.store.mark_seen(agent, online=st.state == "online", at=time.time())
+            current = self._current_task
+            if st.state == "online" and current is not None and not self.store.has_update(current[0], agent):
+                self._send_task(record.agent_id, record.profile, *current)  # it may have missed the announcement
 
     def _on_reported(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, "shadow")
