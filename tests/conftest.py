@@ -10,9 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from mqtt_broker import Broker, mosquitto  # noqa: E402
+from mqtt_broker import Broker, mosquitto
 
-from learning.data_path import find_data_file  # noqa: E402
+from learning.data_path import find_data_file
 
 
 @pytest.fixture
