@@ -86,6 +86,9 @@ def coordinator(
     threads: int | None = None,
     exit_when_done: Annotated[bool, typer.Option(help="exit after the last round instead of serving on")] = False,
     http_port: Annotated[int | None, typer.Option(help="serve the fleet dashboard and /metrics on this port")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="fleet CA certificate (mTLS to the broker)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="this process's certificate (CN = client id)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="this process's private key")] = None,
     verbose: bool = False,
 ) -> None:
     """Run federated rounds until ROUNDS are complete (resumes after a restart), then keep serving
@@ -103,7 +106,7 @@ def coordinator(
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                 max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
-        exit_when_done=exit_when_done, http_port=http_port,
+        exit_when_done=exit_when_done, http_port=http_port, tls=_tls(tls_ca, tls_cert, tls_key),
     )
     _run(lambda: run_coordinator(cfg))
 
@@ -124,6 +127,9 @@ def agent(
     dicom_port: Annotated[int | None, typer.Option(help="DICOM C-STORE listener port")] = None,
     dicom_aet: Annotated[list[str] | None, typer.Option(help="calling AE title allowed to store (repeat)")] = None,
     telemetry: bool = True,
+    tls_ca: Annotated[Path | None, typer.Option(help="fleet CA certificate (mTLS to the broker)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="this process's certificate (CN = client id)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="this process's private key")] = None,
     resource_gates: Annotated[bool, typer.Option(help="--no-resource-gates when several simulated agents share "
                                                  "one machine (inference still pauses training)")] = True,
     verbose: bool = False,
@@ -135,7 +141,7 @@ def agent(
     cfg = AgentConfig(agent_id=id, broker=broker, profile=_profile(profile), state_dir=state, data=data,
                       indices=indices, threads=threads, fleet=fleet, trust=trust, http_port=http_port,
                       dicom_port=dicom_port, dicom_aets=tuple(dicom_aet or ()), telemetry=telemetry,
-                      resource_gates=resource_gates)
+                      resource_gates=resource_gates, tls=_tls(tls_ca, tls_cert, tls_key))
     _run(lambda: run_agent(cfg))
 
 
@@ -173,6 +179,16 @@ def demo(
     cfg = DemoConfig(out=out, data=data, profile=profile, agents=agents, rounds=rounds, local_epochs=local_epochs,
                      alpha=alpha, seed=seed, strategy=strategy, codec=codec, broker=broker)
     _run(lambda: run_demo(cfg))
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None):  # type: ignore[no-untyped-def]
+    from fedscan.compose import tls_config
+
+    try:
+        return tls_config(ca, cert, key)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
 
 
 def _run(fn) -> None:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from protocol.manifest import InputSpec, ValidationBatch
 from protocol.messages import Status, TrainingConfig
 from protocol.profile import FirmwareProfile
 from protocol.topics import Topics
-from protocol.transport import MqttTransport
+from protocol.transport import MqttTransport, TlsConfig
 from protocol.validation_batch import encode_batch
 
 log = logging.getLogger("fedscan")
@@ -76,6 +76,20 @@ def validation_batch_for(data: ArrayDataset, seed: int, per_class: int = 16) -> 
     return encode_batch(x.numpy(), y.numpy())
 
 
+def tls_config(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfig | None:
+    """mTLS settings from CLI paths: all three, or none (plain TCP, for a loopback broker only)."""
+    given = [p is not None for p in (ca, cert, key)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("--tls-ca, --tls-cert and --tls-key go together")
+    for p in (ca, cert, key):
+        assert p is not None
+        if not p.is_file():
+            raise ValueError(f"TLS file {p} does not exist")
+    return TlsConfig(str(ca), str(cert), str(key))
+
+
 def parse_broker(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -107,6 +121,7 @@ class CoordinatorConfig:
     seed: int = 0
     fleet: str = "default"
     rollout: str = "auto"  # auto | manual: how models get served (coordinator/lifecycle.py)
+    tls: TlsConfig | None = None  # mutual TLS to the broker (deploy/pki, deploy/mosquitto)
     store_url: str | None = None
     threads: int | None = None
     exit_when_done: bool = False
@@ -149,7 +164,7 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     topics = Topics(cfg.fleet)
     host, port = parse_broker(cfg.broker)
     offline = Status(state="offline", role="coordinator").to_bytes()
-    transport = MqttTransport("coordinator", host, port, will=(topics.coordinator_status(), offline))
+    transport = MqttTransport("coordinator", host, port, will=(topics.coordinator_status(), offline), tls=cfg.tls)
     transport.connect()
     coord = Coordinator(
         store=store, blobs=BlobStore(cfg.state_dir / "blobs"), repo=ModelRepository(cfg.state_dir / "models"),
@@ -199,6 +214,7 @@ class AgentConfig:
     indices: Path | None = None
     threads: int | None = None
     fleet: str = "default"
+    tls: TlsConfig | None = None
     trust: Path | None = None  # trusted model-signing keys; None: signatures not checked (logged)
     http_port: int | None = None  # diagnosis API (FEDSCAN_API_TOKENS for bearer tokens)
     http_host: str = "127.0.0.1"
@@ -313,7 +329,7 @@ def run_agent(cfg: AgentConfig, stop: threading.Event | None = None) -> int:
     settings = AgentSettings(cfg.agent_id, cfg.profile, cfg.state_dir, fleet=cfg.fleet, threads=cfg.threads,
                              trust=trust)
     offline = Status(state="offline", role="agent", profile=cfg.profile.name).to_bytes()
-    transport = MqttTransport(cfg.agent_id, host, port, will=(topics.status(cfg.agent_id), offline))
+    transport = MqttTransport(cfg.agent_id, host, port, will=(topics.status(cfg.agent_id), offline), tls=cfg.tls)
     transport.connect()
     agent = EdgeAgent(settings, transport, dataset)
     services = build_edge_services(cfg, agent, transport)
