@@ -30,7 +30,7 @@ from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.codec import Tensors, TensorSpec
 from protocol.errors import FrameError, MalformedMessage, ProtocolError, UnknownTopic
 from protocol.frame import decode_update, encode_model
-from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry, ValidationBatch
+from protocol.manifest import Architecture, Calibration, InputSpec, Manifest, TensorEntry, ValidationBatch
 from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
 from protocol.profile import CompressionSection
 from protocol.signing import SigningKey
@@ -41,6 +41,7 @@ from protocol.transport import Transport
 log = logging.getLogger("fedscan.coordinator")
 
 Evaluator = Callable[[Tensors], dict[str, float]]
+Calibrator = Callable[[Tensors], Calibration | None]
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Coordinator:
         model_spec: ModelSpec,
         initial_tensors: Callable[[], Tensors],
         evaluator: Evaluator | None = None,
+        calibrator: Calibrator | None = None,
         on_round: Callable[[int, str, dict[str, float]], None] | None = None,
         signer: SigningKey | None = None,
         validation_batch: ValidationBatch | None = None,
@@ -103,6 +105,7 @@ class Coordinator:
         self.transport, self.topics = transport, topics
         self.strategy, self.settings, self.spec = strategy, settings, model_spec
         self.initial_tensors, self.evaluator, self.on_round = initial_tensors, evaluator, on_round
+        self.calibrator = calibrator
         self._lock = threading.Condition()
         self._current: int | None = None  # round being collected
         self._current_task: tuple[int, str, float] | None = None  # (round, base version, deadline)
@@ -149,6 +152,7 @@ class Coordinator:
             participants=participants,
             tensors=[TensorEntry(name=k, shape=tuple(v.shape)) for k, v in tensors.items()],
             tensor_hash=tensor_hash(tensors), validation_batch=self.validation_batch,
+            calibration=self.calibrator(tensors) if self.calibrator is not None else None,
         )
         return self.signer.sign_manifest(m) if self.signer is not None else m
 

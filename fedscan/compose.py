@@ -25,7 +25,7 @@ from learning.metrics import evaluate
 from learning.models import build_model, model_kwargs_for
 from learning.state import get_tensors, set_tensors
 from protocol.codec import Tensors
-from protocol.manifest import InputSpec, ValidationBatch
+from protocol.manifest import Calibration, InputSpec, ValidationBatch
 from protocol.messages import Status, TrainingConfig
 from protocol.profile import FirmwareProfile
 from protocol.topics import Topics
@@ -88,6 +88,23 @@ def tls_config(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfi
         if not p.is_file():
             raise ValueError(f"TLS file {p} does not exist")
     return TlsConfig(str(ca), str(cert), str(key))
+
+
+def calibrator_for(spec: ModelSpec, data: ArrayDataset) -> Callable[[Tensors], Calibration]:
+    """Temperature scaling fitted on the coordinator's validation split, shipped in the manifest."""
+    from learning.calibration import expected_calibration_error, fit_temperature, softmax
+    from learning.metrics import predict_logits
+
+    def run(tensors: Tensors) -> Calibration:
+        model = build_model(spec.architecture, **spec.kwargs)
+        set_tensors(model, tensors)
+        labels, logits = predict_logits(model, data)
+        t = fit_temperature(logits, labels)
+        return Calibration(temperature=t, fitted_on="validation",
+                           ece_before=expected_calibration_error(softmax(logits), labels),
+                           ece_after=expected_calibration_error(softmax(logits, t), labels))
+
+    return run
 
 
 def parse_broker(address: str) -> tuple[str, int]:
@@ -156,10 +173,12 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     store = open_store(cfg.store_url or f"sqlite:///{cfg.state_dir / 'state.db'}")
     spec = model_spec_for(cfg.profile)
     evaluator = None
+    calibrator = None
     vbatch = None
     if cfg.val_data is not None:
         val = load_medmnist(cfg.val_data, "val")
         evaluator = evaluator_for(spec, val)
+        calibrator = calibrator_for(spec, val)
         vbatch = validation_batch_for(val, cfg.seed)
     topics = Topics(cfg.fleet)
     host, port = parse_broker(cfg.broker)
@@ -172,7 +191,7 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
         settings=RoundSettings(rounds=cfg.rounds, min_clients=cfg.min_clients, deadline_s=cfg.deadline_s,
                                training=cfg.training, codec=cfg.codec, seed=cfg.seed,
                                rollout="manual" if cfg.rollout == "manual" else "auto"),
-        model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator,
+        model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator, calibrator=calibrator,
         signer=ensure_signing_key(cfg.state_dir), validation_batch=vbatch,
     )
     driver = RolloutDriver(RolloutController(store), transport, topics, publish_manifest=coord.publish_manifest)

@@ -118,3 +118,21 @@ def evaluate(
     out = classification_metrics(y, p, classes)
     out["loss"] = loss
     return out
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, data: ArrayDataset, batch_size: int = 256, normalize: Normalize | None = DEFAULT_NORMALIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, logits)`` over an :class:`ArrayDataset` in eval mode (mode restored), for calibration."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = []
+    try:
+        for i in range(0, len(data), batch_size):
+            x, _ = data.batch(np.arange(i, min(i + batch_size, len(data))), normalize)
+            out.append(model(x.to(device)).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return data.labels.copy(), np.concatenate(out) if out else np.zeros((0, data.num_classes), np.float32)

@@ -61,6 +61,8 @@ def test_two_rounds_three_agent_processes(tmp_path: Path, broker: Broker, pneumo
     test = load_medmnist(pneumonia_npz, "test")
     final = split_metrics(spec, repo.tensors("v2"), test)
     assert final["balanced_accuracy"] >= 0.7, final
+    cal = repo.manifest("v2").calibration  # temperature scaling fitted on the coordinator's validation split
+    assert cal is not None and cal.fitted_on == "validation" and 0.05 < cal.temperature < 20
 
 
 def test_coordinator_sigkill_mid_round_resumes_without_loss(tmp_path: Path, broker: Broker, pneumonia_npz: Path
