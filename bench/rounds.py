@@ -25,7 +25,7 @@ from _common import parser, print_table, write_rows
 
 from coordinator.store import open_store
 from fedscan import experiments
-from fedscan.broker import local_broker
+from fedscan.broker import local_broker, stop_processes
 from fedscan.compose import evaluator_for, model_spec_for
 from learning.data_path import find_data_file, warn_generated
 from learning.datasets import load_medmnist
@@ -59,15 +59,7 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
         try:
             procs[0].wait(timeout=3600)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_processes(procs)
     wall = time.perf_counter() - t0
     first, last = store.get_round(1), store.get_round(rounds)
     overhead = []  # round duration minus the slowest agent's training time, rounds 2..R

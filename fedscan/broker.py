@@ -45,6 +45,19 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"broker did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    """SIGTERM every process, wait for each (they exit cleanly on it), SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
 @dataclass
 class RunningBroker:
     kind: str

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from coordinator.store import open_store
 from fedscan import experiments
-from fedscan.broker import local_broker
+from fedscan.broker import local_broker, stop_processes
 from fedscan.compose import model_spec_for
 from learning.data_path import find_data_file, warn_generated
 from learning.datasets import ArrayDataset, load_medmnist, make_synthetic
@@ -125,14 +125,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         try:
             _follow(store, coord, cfg)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs)
     if coord.returncode not in (0, None):
         raise RuntimeError(f"coordinator exited with {coord.returncode}; see {coord_dir / 'coordinator.log'}")
     fed_seconds = time.perf_counter() - t_start

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.store import Store, open_store
+from fedscan.broker import stop_processes
 
 
 def stratified_parts(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
@@ -92,16 +93,7 @@ class Federation:
         self.coordinator.wait(10)
 
     def stop(self) -> None:
-        procs = [p for p in [self.coordinator, *self.agents.values()] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_processes([p for p in [self.coordinator, *self.agents.values()] if p is not None])
 
     def logs(self) -> str:
         parts = []
