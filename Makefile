@@ -9,7 +9,12 @@ DEMO_ARGS ?=
 BENCH_ARGS ?=
 BENCHES := federated rounds compression inference telemetry
 
-.PHONY: install demo test lint bench bench-quick clean
+.PHONY: install system-deps demo test lint bench bench-quick clean
+
+# Debian packages the tests use: mosquitto (a private broker per test), promtool (alert rules),
+# chromium (dashboard test). Best effort: where they cannot be installed, those tests skip with
+# the reason, and the demo falls back to the embedded broker.
+SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus chromium:chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +25,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+system-deps:
+	@missing=""; for pair in $(SYSTEM_DEPS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+	      >/dev/null 2>&1 || echo "warning: could not install$$missing; the tests that need them will skip"; \
+	  else echo "warning: missing$$missing (not root or no apt); the tests that need them will skip"; fi; \
+	fi
+
 demo: install
 	$(PY) -m fedscan demo $(DEMO_ARGS)
 
@@ -27,7 +43,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy protocol learning coordinator edge_agent export fedscan bench
 
-test: install lint
+test: install system-deps lint
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory bench-quick
 
