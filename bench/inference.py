@@ -253,10 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="CI smoke: fewer steps, images and iterations (< 60 s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every engine")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"default {RESULTS.relative_to(ROOT)} ({RESULTS.stem}.quick.json with --quick)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     cfg = make_config(args.quick, args.threads)
+    if args.out is None:
+        args.out = RESULTS.with_suffix(".quick.json") if args.quick else RESULTS
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     splits = load_demo_splits()
