@@ -69,7 +69,7 @@ class Config:
 
 def make_config(quick: bool, threads: int) -> Config:
     if quick:
-        return Config(True, threads, small_steps=80, resnet_steps=6, resnet_pre_steps=16, resnet_test=24, calib=16, iters_b1=10,
+        return Config(True, threads, small_steps=50, resnet_steps=4, resnet_pre_steps=10, resnet_test=16, calib=8, iters_b1=10,
                       iters_b8=5)
     return Config(False, threads, small_steps=600, resnet_steps=40, resnet_pre_steps=160, resnet_test=0, calib=128, iters_b1=100,
                   iters_b8=30)
