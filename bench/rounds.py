@@ -49,7 +49,7 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
         addr = f"127.0.0.1:{broker.port}"
         procs = [subprocess.Popen([*py, "coordinator", "--state", str(state), "--broker", addr, "--val-data", str(data),
                                    "--rounds", str(rounds), "--min-clients", str(len(sites)), "--lr", str(lr),
-                                   "--threads", "1", "--exit-when-done"],
+                                   "--threads", "1", "--exit-when-done", "--no-export"],
                                   env=env, stdout=subprocess.DEVNULL, stderr=open(state / "log", "wb"))]  # noqa: SIM115
         for name in sites:
             procs.append(subprocess.Popen([*py, "agent", "--id", name, "--broker", addr, "--data", str(data),

@@ -94,6 +94,22 @@ class ModelRepository:
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
+    def artifacts_dir(self, version: str) -> Path:
+        """Inference artifacts of a version (ONNX, INT8, engines), named by their manifest ``uri``."""
+        return self.root / "artifacts" / version
+
+    def artifact_bytes(self, version: str, uri: str) -> bytes:
+        """An artifact the version's manifest lists, checked against its sha256."""
+        import hashlib
+
+        entry = next((a for a in self.manifest(version).artifacts if a.uri == uri), None)
+        if entry is None:
+            raise KeyError(f"model {version} lists no artifact {uri!r}")
+        data = (self.artifacts_dir(version) / uri).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ValueError(f"artifact {version}/{uri} on disk does not match its manifest hash")
+        return data
+
     def remove_partial(self) -> None:
         """Clear temp folders left by a crash during ``save``."""
         for p in self.root.glob(".tmp-*"):

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.codec import Tensors, TensorSpec
 from protocol.errors import FrameError, MalformedMessage, ProtocolError, UnknownTopic
 from protocol.frame import decode_update, encode_model
-from protocol.manifest import Architecture, Calibration, InputSpec, Manifest, TensorEntry, ValidationBatch
+from protocol.manifest import Architecture, Artifact, Calibration, InputSpec, Manifest, TensorEntry, ValidationBatch
 from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
 from protocol.profile import CompressionSection
 from protocol.signing import SigningKey
@@ -42,6 +43,7 @@ log = logging.getLogger("fedscan.coordinator")
 
 Evaluator = Callable[[Tensors], dict[str, float]]
 Calibrator = Callable[[Tensors], Calibration | None]
+Exporter = Callable[[Tensors, Path], list[Artifact]]  # weights, output folder -> verified artifacts
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Coordinator:
         initial_tensors: Callable[[], Tensors],
         evaluator: Evaluator | None = None,
         calibrator: Calibrator | None = None,
+        exporter: Exporter | None = None,
         on_round: Callable[[int, str, dict[str, float]], None] | None = None,
         signer: SigningKey | None = None,
         validation_batch: ValidationBatch | None = None,
@@ -106,6 +109,7 @@ class Coordinator:
         self.strategy, self.settings, self.spec = strategy, settings, model_spec
         self.initial_tensors, self.evaluator, self.on_round = initial_tensors, evaluator, on_round
         self.calibrator = calibrator
+        self.exporter = exporter
         self._lock = threading.Condition()
         self._current: int | None = None  # round being collected
         self._current_task: tuple[int, str, float] | None = None  # (round, base version, deadline)
@@ -153,8 +157,20 @@ class Coordinator:
             tensors=[TensorEntry(name=k, shape=tuple(v.shape)) for k, v in tensors.items()],
             tensor_hash=tensor_hash(tensors), validation_batch=self.validation_batch,
             calibration=self.calibrator(tensors) if self.calibrator is not None else None,
+            artifacts=self._export(version, tensors),
         )
         return self.signer.sign_manifest(m) if self.signer is not None else m
+
+    def _export(self, version: str, tensors: Tensors) -> list[Artifact]:
+        """Optimized inference artifacts for the manifest; a failed export ships weights only."""
+        if self.exporter is None:
+            return []
+        try:
+            return self.exporter(tensors, self.repo.artifacts_dir(version))
+        except Exception as exc:  # the model is still good; the boxes then serve it with torch
+            log.warning("export of %s failed, shipping weights only: %s", version, exc)
+            self.store.record_event("export_failed", reason=type(exc).__name__, detail={"message": str(exc)[:500]})
+            return []
 
     def _ensure_initial_model(self) -> None:
         if self.store.latest_model() is not None:
@@ -426,6 +442,9 @@ class Coordinator:
         if not self.repo.has(req.version):
             self._reject("model_request", agent, None, UnknownTopic(f"no model {req.version}", reason="unknown_version"))
             return
+        if req.artifact is not None:
+            self._send_artifact(agent, req)
+            return
         have = req.have if req.have and req.have != req.version and self.repo.has(req.have) else None
         key = (req.version, have)
         frame = self._model_frames.get(key)
@@ -439,6 +458,19 @@ class Coordinator:
         chunks = split(frame, transfer, self.settings.chunk_bytes)
         wanted = set(req.missing) if req.missing is not None and req.transfer_id == transfer else None
         for i, c in enumerate(chunks):
+            if wanted is None or i in wanted:
+                self.transport.publish(self.topics.downloads(agent), c)
+
+    def _send_artifact(self, agent: str, req: ModelRequest) -> None:
+        assert req.artifact is not None
+        try:
+            data = self.repo.artifact_bytes(req.version, req.artifact)
+        except (KeyError, OSError, ValueError) as exc:
+            self._reject("model_request", agent, None, UnknownTopic(str(exc), reason="unknown_artifact"))
+            return
+        transfer = f"artifact-{req.version}-{req.artifact}"
+        wanted = set(req.missing) if req.missing is not None and req.transfer_id == transfer else None
+        for i, c in enumerate(split(data, transfer, self.settings.chunk_bytes)):
             if wanted is None or i in wanted:
                 self.transport.publish(self.topics.downloads(agent), c)
 

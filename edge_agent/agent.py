@@ -224,34 +224,68 @@ class EdgeAgent:
         base = self.installer.tensors(have) if have else None
         transfer = f"model-{version}-from-{have or 'none'}"
         specs = [TensorSpec(t.name, tuple(t.shape)) for t in manifest.tensors]
+        blob = self._download(transfer, lambda missing: ModelRequest(
+            version=version, have=have, transfer_id=transfer if missing else None, missing=missing))
+        try:
+            _, tensors = decode_model(blob, expected=specs, expected_hash=manifest.tensor_hash, base=base)
+        except FrameError as exc:
+            self._event("model_refused", {"version": version, "reason": exc.reason})
+            raise
+        self.installer.install(manifest, tensors)
+        return tensors
+
+    def _download(self, transfer: str, request: Callable[[list[int] | None], ModelRequest]) -> bytes:
+        """Ask for a transfer on our downloads topic until it is complete; resume by naming missing chunks."""
         deadline = time.monotonic() + self.s.model_timeout_s * 3
         attempt = 0
         while time.monotonic() < deadline:
             attempt += 1
             partial = self._downloads.transfers.get(transfer)
             missing = partial.missing if partial is not None and attempt > 1 else None
-            req = ModelRequest(version=version, have=have, transfer_id=transfer if missing else None, missing=missing)
-            self.transport.publish(self.topics.model_request(self.s.agent_id), req.to_bytes())
+            self.transport.publish(self.topics.model_request(self.s.agent_id), request(missing).to_bytes())
             with self._download_cond:
                 self._download_cond.wait_for(lambda: transfer in self._download_done or self._stop.is_set(),
                                              timeout=self.s.model_timeout_s)
                 blob = self._download_done.pop(transfer, None)
             self._check_stop()
-            if blob is None:
-                log.info("model %s: download incomplete, asking again (attempt %d)", version, attempt)
+            if blob is not None:
+                return blob
+            log.info("%s: download incomplete, asking again (attempt %d)", transfer, attempt)
+        raise TimeoutError(f"{transfer} not received after {attempt} requests")
+
+    def fetch_artifacts(self, version: str) -> list[str]:
+        """Download the inference artifacts this box can use (ONNX FP32/INT8, engines for its own
+        targets), each checked against the signed manifest's sha256; returns what is present. A
+        failure leaves the box on the weights (torch engine), with the reason logged and reported."""
+        manifest = self.installer.manifest(version)
+        targets = {t.name for t in self.s.profile.export.targets} if self.s.profile.export else set()
+        present = []
+        for art in manifest.artifacts:
+            if art.kind == "tensorrt" and art.target not in targets:
                 continue
+            if self.installer.has_artifact(version, art):
+                present.append(art.uri)
+                continue
+            transfer = f"artifact-{version}-{art.uri}"
+
+            def request(missing: list[int] | None, uri: str = art.uri, tid: str = transfer) -> ModelRequest:
+                return ModelRequest(version=version, artifact=uri, transfer_id=tid if missing else None,
+                                    missing=missing)
+
             try:
-                _, tensors = decode_model(blob, expected=specs, expected_hash=manifest.tensor_hash, base=base)
-            except FrameError as exc:
-                self._event("model_refused", {"version": version, "reason": exc.reason})
-                raise
-            self.installer.install(manifest, tensors)
-            return tensors
-        raise TimeoutError(f"model {version} not received after {attempt} requests")
+                data = self._download(transfer, request)
+                self.installer.add_artifact(version, art, data)
+                present.append(art.uri)
+            except (TimeoutError, ManifestError) as exc:
+                log.warning("artifact %s of %s not installed: %s", art.uri, version, exc)
+                self._event("artifact_refused", {"version": version, "artifact": art.uri,
+                                                 "reason": getattr(exc, "reason", "timeout")})
+        return present
 
     def _report(self, version: str | None, **detail: object) -> None:
         self.transport.publish(self.topics.shadow_reported(self.s.agent_id),
-                               Shadow(version=version, engine="torch", detail={"agent": self.s.agent_id, **detail}
+                               Shadow(version=version, engine=str(self.engine_report.get("engine", "torch")),
+                                      detail={"agent": self.s.agent_id, **self.engine_report, **detail}
                                       ).to_bytes(), retain=True)
 
     def _handle_desired(self, version: str) -> None:
@@ -261,6 +295,7 @@ class EdgeAgent:
         previous = self.installer.active_version
         try:
             self.ensure_model(version)
+            self.fetch_artifacts(version)
             self.installer.activate(version)
         except (ManifestError, FrameError, TimeoutError) as exc:  # InstallError, SignatureError: ManifestError
             reason = getattr(exc, "reason", "timeout")

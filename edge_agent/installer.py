@@ -11,6 +11,7 @@ what it had.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from learning.state import set_tensors
 from protocol.codec import Tensors, TensorSpec
 from protocol.errors import ManifestError
 from protocol.frame import decode_model, encode_model
-from protocol.manifest import Manifest, parse_manifest
+from protocol.manifest import Artifact, Manifest, parse_manifest
 from protocol.signing import TrustStore
 from protocol.tensors import tensor_hash
 
@@ -83,6 +84,24 @@ class ModelInstaller:
         _, tensors = decode_model((self.root / version / "weights.fsuf").read_bytes(), expected=specs,
                                   expected_hash=m.tensor_hash)
         return tensors
+
+    def artifact_path(self, version: str, artifact: Artifact) -> Path:
+        name = Path(artifact.uri).name  # never a path outside the version folder
+        return self.root / version / "artifacts" / name
+
+    def has_artifact(self, version: str, artifact: Artifact) -> bool:
+        p = self.artifact_path(version, artifact)
+        return p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() == artifact.sha256
+
+    def add_artifact(self, version: str, artifact: Artifact, data: bytes) -> Path:
+        """Store an inference artifact of an installed model after checking it against the manifest."""
+        if hashlib.sha256(data).hexdigest() != artifact.sha256:
+            raise InstallError(f"artifact {artifact.uri} of {version} does not match its manifest hash",
+                               reason="hash_mismatch")
+        p = self.artifact_path(version, artifact)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(p, data)
+        return p
 
     def _pointer(self) -> dict[str, str | None]:
         p = self.root / "ACTIVE"

@@ -86,6 +86,8 @@ def coordinator(
     threads: int | None = None,
     exit_when_done: Annotated[bool, typer.Option(help="exit after the last round instead of serving on")] = False,
     http_port: Annotated[int | None, typer.Option(help="serve the fleet dashboard and /metrics on this port")] = None,
+    export: Annotated[bool, typer.Option(help="export each model to verified ONNX FP32/INT8 (+TensorRT) artifacts")
+                      ] = True,
     tls_ca: Annotated[Path | None, typer.Option(help="fleet CA certificate (mTLS to the broker)")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="this process's certificate (CN = client id)")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="this process's private key")] = None,
@@ -106,7 +108,7 @@ def coordinator(
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                 max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
-        exit_when_done=exit_when_done, http_port=http_port, tls=_tls(tls_ca, tls_cert, tls_key),
+        exit_when_done=exit_when_done, http_port=http_port, export=export, tls=_tls(tls_ca, tls_cert, tls_key),
     )
     _run(lambda: run_coordinator(cfg))
 

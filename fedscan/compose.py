@@ -25,7 +25,7 @@ from learning.metrics import evaluate
 from learning.models import build_model, model_kwargs_for
 from learning.state import get_tensors, set_tensors
 from protocol.codec import Tensors
-from protocol.manifest import Calibration, InputSpec, ValidationBatch
+from protocol.manifest import Artifact, Calibration, InputSpec, ValidationBatch
 from protocol.messages import Status, TrainingConfig
 from protocol.profile import FirmwareProfile
 from protocol.topics import Topics
@@ -107,6 +107,28 @@ def calibrator_for(spec: ModelSpec, data: ArrayDataset) -> Callable[[Tensors], C
     return run
 
 
+def exporter_for(spec: ModelSpec, data: ArrayDataset, profile: FirmwareProfile
+                 ) -> Callable[[Tensors, Path], list[Artifact]]:
+    """Export each accepted model once: ONNX FP32 and INT8 (calibrated on 128 validation images), and
+    a TensorRT engine per CUDA target where ``tensorrt`` imports; each verified against torch on
+    256 other validation images before it is listed in the manifest."""
+    from export.pipeline import export_model
+
+    order = np.random.default_rng(0).permutation(len(data))
+    calib, _ = data.batch(order[:128])
+    verify, verify_y = data.batch(order[128:384])
+    targets = list(profile.export.targets) if profile.export else []
+
+    def run(tensors: Tensors, out: Path) -> list[Artifact]:
+        model = build_model(spec.architecture, **spec.kwargs)
+        set_tensors(model, tensors)
+        return export_model(model.eval(), input_spec=spec.input, calib_images=calib.numpy(),
+                            verify_images=verify.numpy(), verify_labels=verify_y.numpy(), out_dir=out,
+                            targets=targets, threads=1)
+
+    return run
+
+
 def parse_broker(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -142,6 +164,7 @@ class CoordinatorConfig:
     store_url: str | None = None
     threads: int | None = None
     exit_when_done: bool = False
+    export: bool = True  # ONNX FP32/INT8 (+ TensorRT per CUDA target) per model, verified on validation images
     http_port: int | None = None  # dashboard + /metrics on 127.0.0.1
     http_host: str = "127.0.0.1"
 
@@ -174,11 +197,13 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     spec = model_spec_for(cfg.profile)
     evaluator = None
     calibrator = None
+    exporter = None
     vbatch = None
     if cfg.val_data is not None:
         val = load_medmnist(cfg.val_data, "val")
         evaluator = evaluator_for(spec, val)
         calibrator = calibrator_for(spec, val)
+        exporter = exporter_for(spec, val, cfg.profile) if cfg.export else None
         vbatch = validation_batch_for(val, cfg.seed)
     topics = Topics(cfg.fleet)
     host, port = parse_broker(cfg.broker)
@@ -192,6 +217,7 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
                                training=cfg.training, codec=cfg.codec, seed=cfg.seed,
                                rollout="manual" if cfg.rollout == "manual" else "auto"),
         model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator, calibrator=calibrator,
+        exporter=exporter,
         signer=ensure_signing_key(cfg.state_dir), validation_batch=vbatch,
     )
     driver = RolloutDriver(RolloutController(store), transport, topics, publish_manifest=coord.publish_manifest)
@@ -284,11 +310,22 @@ def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTrans
     order = list(profile.export.engine_order) if profile.export else ["ort-cpu", "torch"]
     threads = (profile.serving.threads if profile.serving else None) or 1
 
+    cpu_target = next((t for t in (profile.export.targets if profile.export else []) if t.device == "cpu"), None)
+    gpu_target = next((t for t in (profile.export.targets if profile.export else []) if t.device == "cuda"), None)
+
     def activate(manifest: Any, tensors: Tensors) -> None:
         from edge_agent.installer import build_from_manifest
 
-        artifacts = EngineArtifacts(torch_model=build_from_manifest(manifest, tensors),
-                                    input_shape=(manifest.input.channels, manifest.input.height, manifest.input.width))
+        local = {a.kind: agent.installer.artifact_path(manifest.version, a) for a in manifest.artifacts
+                 if agent.installer.has_artifact(manifest.version, a)
+                 and (a.kind != "tensorrt" or (gpu_target is not None and a.target == gpu_target.name))}
+        chosen = gpu_target or cpu_target
+        precision = chosen.precision if chosen is not None else "fp32"
+        artifacts = EngineArtifacts(onnx_fp32=local.get("onnx-fp32"), onnx_int8=local.get("onnx-int8"),
+                                    tensorrt_engine=local.get("tensorrt"), precision=precision,
+                                    torch_model=build_from_manifest(manifest, tensors),
+                                    input_shape=(manifest.input.channels, manifest.input.height, manifest.input.width),
+                                    cache_dir=cfg.state_dir / "engine-cache")
         engine, attempts = select_engine(artifacts, order, threads=threads)
         served.swap_manifest(manifest, engine, default_preprocessing=profile.preprocessing)
         metrics.set_model_version(manifest.version)

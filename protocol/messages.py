@@ -109,6 +109,7 @@ class ModelRequest(Message):
     have: Identifier | None = None
     transfer_id: str | None = None
     missing: list[int] | None = None
+    artifact: str | None = None  # an artifact ``uri`` listed in the manifest, instead of the weights
 
 
 class AgentEvent(Message):

@@ -50,6 +50,13 @@ def test_site_without_data_diagnoses_with_the_global_model(tmp_path: Path, broke
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model_version"] == "v1"
+        # the coordinator exported verified ONNX artifacts; the box fetched them and serves with ONNX Runtime
+        from coordinator.model_repo import ModelRepository
+
+        kinds = {a.kind: a for a in ModelRepository(fed.state / "models").manifest("v1").artifacts}
+        assert {"onnx-fp32", "onnx-int8"} <= set(kinds)
+        assert kinds["onnx-fp32"].verification["top1_agreement"] == 1.0
+        assert body["engine"].startswith("ort-cpu"), body["engine"]
         assert body["label"] in ("normal", "pneumonia")
         assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
         unauth = httpx.post(f"{url}/v1/diagnose", content=buf.getvalue(), timeout=30,
