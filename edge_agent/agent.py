@@ -21,6 +21,7 @@ from pathlib import Path
 from edge_agent.installer import ModelInstaller, build_from_manifest
 from edge_agent.validation import validation_detail
 from learning.datasets import ArrayDataset
+from learning.qat import maybe_prepare_qat
 from learning.state import get_tensors
 from learning.trainer import PauseHook, TrainData, TrainingCancelled, train_local
 from protocol.chunks import Reassembler, parse_chunk, split
@@ -337,7 +338,9 @@ class EdgeAgent:
     def _train(self, task: Task, data: TrainData) -> bytes:
         base = self.ensure_model(task.base_version)
         manifest = self.installer.manifest(task.base_version)
-        model = build_from_manifest(manifest, base)
+        # QAT per device profile: fake-quant wrappers keep parameter names, so the frame carries the
+        # same float tensors; observers are non-persistent buffers and never leave the box
+        model = maybe_prepare_qat(build_from_manifest(manifest, base), self.s.profile)
         model.train()
         cfg = task.training.model_copy(update={"seed": agent_seed(task.training.seed, self.s.agent_id)})
         t0 = time.perf_counter()
