@@ -220,8 +220,10 @@ def run(quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, < 20 s")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="default: telemetry.json (telemetry.quick.json with --quick)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS.with_name("telemetry.quick.json") if args.quick else RESULTS
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     result = run(args.quick)
