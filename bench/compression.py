@@ -28,7 +28,7 @@ from learning.partition import dirichlet_label_skew
 from protocol.messages import TrainingConfig
 from protocol.profile import find_profile
 
-CODECS = [
+CODECS_ALL = [
     "raw",
     "raw|zstd",
     "delta|q:8|zstd",
@@ -36,15 +36,19 @@ CODECS = [
     "delta|topk:0.05|ef|q:8|zstd",
     "delta|topk:0.01|ef|q:8|zstd",
     "delta|topk:0.01|ef|sign|zstd",
+    "delta|q:2|zstd",
+    "delta|topk:0.02|ef|q:8|zstd",
 ]
+CODECS = CODECS_ALL
 
 
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--codecs", default=None, help="comma-separated subset (default: all)")
     args = p.parse_args()
-    codecs = CODECS
+    codecs = args.codecs.split(",") if args.codecs else CODECS
     if args.quick:
         args.rounds, args.seeds, codecs = 1, 1, ["raw", "delta|topk:0.01|ef|q:8|zstd"]
     spec = model_spec_for(find_profile("xray-cxr-28"))
@@ -87,7 +91,8 @@ def main() -> None:
                        "auc"])
     print(f"small CNN ({n_params:,} float32 parameters = {float32:,} B), 4 sites, Dirichlet 0.5, "
           f"{args.rounds} rounds, {args.seeds} seeds; {time.perf_counter() - t0:.0f}s")
-    print(f"rows: {write_rows('compression', rows, quick=args.quick)}")
+    name = "compression" if args.codecs is None else "compression-" + str(args.rounds) + "r"
+    print(f"rows: {write_rows(name, rows, quick=args.quick)}")
 
 
 def _shapes(spec: Any) -> list[tuple[int, ...]]:
