@@ -114,10 +114,11 @@ def train(model: nn.Module, ds: ArrayDataset, *, steps: int, batch: int, size: i
     counts = ds.class_counts()
     p = (1.0 / counts)[ds.labels]
     p /= p.sum()
+    model.train()
+    if pre_steps:  # float first (progressive resizing; for QAT: float pre-training, then QAT fine-tuning)
+        _train_phase(model, ds, p, rng, steps=pre_steps, batch=pre_batch, size=pre_size, lr=pre_lr, qat=False)
     m = prepare_qat(model) if qat else model
     m.train()
-    if pre_steps:
-        _train_phase(m, ds, p, rng, steps=pre_steps, batch=pre_batch, size=pre_size, lr=pre_lr, qat=False)
     _train_phase(m, ds, p, rng, steps=steps, batch=batch, size=size, lr=lr, qat=qat)
     m.eval()
     return m
@@ -275,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         bench_model("small_cnn", small, 28, splits, cfg, Path(tmp) / "small", rows, skipped)
 
         print("== SmallCNN 28x28 trained with QAT (INT8 export vs FP32 without QAT)")
+        # QAT as fine-tuning of a float model (as agents do each round from the float global model):
+        # 80 % of the steps float, 20 % with fake-quant; the same total steps as the FP32 model
+        qat_steps = max(1, cfg.small_steps // 5)
         small_qat = trained("small_cnn_qat", lambda: build_model("small_cnn"), splits["train"], real,
-                            steps=cfg.small_steps, batch=64, size=28, lr=3e-3, seed=0, qat=True)
+                            steps=qat_steps, batch=64, size=28, lr=1e-3, seed=0, qat=True,
+                            pre_steps=cfg.small_steps - qat_steps, pre_batch=64, pre_size=28, pre_lr=3e-3)
         bench_model("small_cnn_qat", small_qat, 28, splits, cfg, Path(tmp) / "small_qat", rows, skipped)
         acc = {r["model"] + "/" + r["engine"]: r["accuracy"] for r in rows if r["batch"] == 1}
         extra["qat"] = {
