@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
+from protocol.errors import ReasonedError
 
-class ExportError(RuntimeError):
+
+class ExportError(ReasonedError, RuntimeError):
     """An export, verification or engine step that did not produce a usable artifact."""
 
-    reason: str = "export_failed"
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-    def __str__(self) -> str:
-        return f"[{self.reason}] {super().__str__()}"
+    reason = "export_failed"
 
 
 class VerificationError(ExportError):

@@ -7,10 +7,12 @@ in the state store and sent back to agents in acknowledgements.
 from __future__ import annotations
 
 
-class ProtocolError(ValueError):
-    """Base of every refusal that the wire protocol can produce."""
+class ReasonedError(Exception):
+    """An error with a short machine-readable ``reason`` code, shown as ``[reason] message``.
 
-    reason: str = "protocol_error"
+    Mixed into the protocol's refusals (``ValueError``) and the export errors (``RuntimeError``)."""
+
+    reason: str = "error"
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -19,6 +21,12 @@ class ProtocolError(ValueError):
 
     def __str__(self) -> str:
         return f"[{self.reason}] {super().__str__()}"
+
+
+class ProtocolError(ReasonedError, ValueError):
+    """Base of every refusal that the wire protocol can produce."""
+
+    reason = "protocol_error"
 
 
 class MalformedMessage(ProtocolError):
