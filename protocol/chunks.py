@@ -13,16 +13,15 @@ the blob only when every chunk arrived and the whole hash matches.
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocol import envelope
 from protocol.errors import FrameError
 
 CHUNK_MAGIC = b"FSCK"
 CHUNK_FORMAT = 1
-_PREFIX = struct.Struct(">4sBI")
 MAX_HEADER = 4096
 
 
@@ -61,28 +60,19 @@ def split(blob: bytes, transfer_id: str, chunk_bytes: int) -> list[bytes]:
             total_bytes=len(blob),
         )
         head = header.model_dump_json().encode()
-        out.append(_PREFIX.pack(CHUNK_MAGIC, CHUNK_FORMAT, len(head)) + head + data)
+        out.append(envelope.pack(CHUNK_MAGIC, CHUNK_FORMAT, head, data))
     return out
 
 
 def parse_chunk(message: bytes) -> Chunk:
     """Parse one chunk message; raise ``FrameError`` with a reason if anything is off."""
-    if len(message) < _PREFIX.size:
-        raise FrameError("chunk shorter than its prefix", reason="truncated")
-    magic, fmt, head_len = _PREFIX.unpack_from(message)
-    if magic != CHUNK_MAGIC:
-        raise FrameError("not a chunk (bad magic)", reason="bad_magic")
-    if fmt != CHUNK_FORMAT:
-        raise FrameError(f"chunk format {fmt} not supported", reason="unsupported_version")
-    if head_len > MAX_HEADER or _PREFIX.size + head_len > len(message):
-        raise FrameError("chunk header truncated or too long", reason="truncated")
+    head, data = envelope.unpack(message, magic=CHUNK_MAGIC, fmt=CHUNK_FORMAT, max_header=MAX_HEADER, what="chunk")
     try:
-        header = ChunkHeader.model_validate_json(message[_PREFIX.size : _PREFIX.size + head_len])
+        header = ChunkHeader.model_validate_json(head)
     except ValidationError as exc:
         raise FrameError(f"chunk header invalid: {exc.errors()[0]['msg']}", reason="bad_header") from exc
     if header.index >= header.count:
         raise FrameError(f"chunk index {header.index} >= count {header.count}", reason="index_out_of_range")
-    data = message[_PREFIX.size + head_len :]
     if hashlib.sha256(data).hexdigest() != header.sha256:
         raise FrameError(f"chunk {header.index} checksum mismatch", reason="checksum_mismatch")
     return Chunk(header, data)

@@ -16,7 +16,6 @@ with a reason code; nothing is half-applied.
 from __future__ import annotations
 
 import hashlib
-import struct
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,13 +25,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocol import envelope
 from protocol.codec import CodecError, ErrorFeedbackState, Tensors, TensorSpec, parse_codec
 from protocol.errors import FrameError
 from protocol.tensors import all_finite, global_norm, subtract
 
 FRAME_MAGIC = b"FSUF"
 FRAME_FORMAT = 1
-_PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -111,27 +110,19 @@ def encode_update(
         created_at=time.time(),
     )
     head = header.model_dump_json().encode("utf-8")
-    return _PREFIX.pack(FRAME_MAGIC, FRAME_FORMAT, len(head)) + head + payload
+    return envelope.pack(FRAME_MAGIC, FRAME_FORMAT, head, payload)
 
 
 def read_header(frame: bytes) -> tuple[FrameHeader, bytes]:
     """Validate the frame's envelope and checksum; return the header and the raw payload."""
-    if len(frame) < _PREFIX.size:
-        raise FrameError(f"frame of {len(frame)} bytes is shorter than its prefix", reason="truncated")
-    magic, fmt, head_len = _PREFIX.unpack_from(frame)
-    if magic != FRAME_MAGIC:
-        raise FrameError("not an update frame (bad magic)", reason="bad_magic")
-    if fmt != FRAME_FORMAT:
-        raise FrameError(f"frame format {fmt} is not supported (want {FRAME_FORMAT})", reason="unsupported_version")
-    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(frame):
-        raise FrameError("frame header truncated or too long", reason="truncated")
+    head, payload = envelope.unpack(frame, magic=FRAME_MAGIC, fmt=FRAME_FORMAT, max_header=MAX_HEADER_BYTES,
+                                    what="frame")
     try:
-        header = FrameHeader.model_validate_json(frame[_PREFIX.size : _PREFIX.size + head_len])
+        header = FrameHeader.model_validate_json(head)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise FrameError(f"frame header {where}: {first.get('msg')}", reason="bad_header") from exc
-    payload = frame[_PREFIX.size + head_len :]
     if len(payload) != header.payload_bytes:
         raise FrameError(
             f"payload is {len(payload)} bytes, header says {header.payload_bytes}", reason="truncated"
@@ -220,7 +211,7 @@ def encode_model(
         created_at=time.time(),
     )
     head = header.model_dump_json().encode("utf-8")
-    return _PREFIX.pack(FRAME_MAGIC, FRAME_FORMAT, len(head)) + head + payload
+    return envelope.pack(FRAME_MAGIC, FRAME_FORMAT, head, payload)
 
 
 def decode_model(
