@@ -72,10 +72,13 @@ def federated(
     site_names: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
     on_round: Callable[[Tensors], object] | None = None,
     codec: str | None = None, chunk_bytes: int = 256 * 1024,
+    attack: Callable[[str, Tensors, Tensors], Tensors] | None = None,
 ) -> ArmResult:
     """In-process federation. With ``codec``, every update goes through the real frame encoder and
     decoder (error-feedback state kept per site) and ``out.uplink`` records the chunked payload
-    bytes per update, as the transport counts them."""
+    bytes per update, as the transport counts them. With ``attack`` (``fedscan.attacks``), every
+    trained update is replaced by ``attack(site, update, global weights)`` before it is encoded and
+    aggregated (an attack changes only its attacker's update)."""
     from protocol.chunks import split
     from protocol.codec import ErrorFeedbackState
     from protocol.frame import decode_update, encode_update, specs_of
@@ -92,6 +95,8 @@ def federated(
         for name, idx in sorted(zip(names, parts, strict=True)):
             cfg = round_cfg.model_copy(update={"seed": agent_seed(round_cfg.seed, name)})
             tensors = _train(spec, weights, train.subset(idx), cfg, threads, global_tensors=weights)
+            if attack is not None:
+                tensors = attack(name, tensors, weights)
             if codec is not None:
                 c0 = time.perf_counter()
                 frame = encode_update(tensors, agent_id=name, round_id=r, base_version=f"v{r - 1}",
