@@ -20,14 +20,16 @@ from coordinator.rounds import Coordinator, ModelSpec, RoundSettings
 from coordinator.store import BlobStore, open_store
 from coordinator.strategies import build_strategy
 from edge_agent.agent import AgentSettings, EdgeAgent
+from learning.calibration import expected_calibration_error, fit_temperature, softmax
 from learning.datasets import ArrayDataset, load_medmnist
-from learning.metrics import evaluate
+from learning.metrics import metrics_from_logits, predict_logits
 from learning.models import build_model, model_kwargs_for
 from learning.state import get_tensors, set_tensors
 from protocol.codec import Tensors
 from protocol.manifest import Artifact, Calibration, InputSpec, ValidationBatch
 from protocol.messages import Status, TrainingConfig
 from protocol.profile import FirmwareProfile
+from protocol.tensors import tensor_hash
 from protocol.topics import Topics
 from protocol.transport import MqttTransport, TlsConfig
 from protocol.validation_batch import encode_batch
@@ -55,15 +57,38 @@ def initial_weights(spec: ModelSpec, seed: int) -> Callable[[], Tensors]:
     return make
 
 
-def evaluator_for(spec: ModelSpec, data: ArrayDataset, prefix: str = "val_") -> Callable[[Tensors], dict[str, float]]:
-    def run(tensors: Tensors) -> dict[str, float]:
-        model = build_model(spec.architecture, **spec.kwargs)
-        set_tensors(model, tensors)
-        r = evaluate(model, data)
-        out = {f"{prefix}{k}": r[k] for k in ("accuracy", "balanced_accuracy", "auc", "loss")}
+class ValidationPass:
+    """The coordinator's look at a model on its validation split: one forward pass per model feeds
+    both the round's metrics and the temperature the manifest ships (they used to be two passes,
+    the larger part of the per-round time the agents spend waiting). The logits of the last model
+    seen are kept, keyed by its tensor hash."""
+
+    def __init__(self, spec: ModelSpec, data: ArrayDataset, prefix: str = "val_") -> None:
+        if len(data) == 0:
+            raise ValueError("the validation split is empty")
+        self.spec, self.data, self.prefix = spec, data, prefix
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def logits(self, tensors: Tensors) -> np.ndarray:
+        key = tensor_hash(tensors)
+        if self._last is None or self._last[0] != key:
+            model = build_model(self.spec.architecture, **self.spec.kwargs)
+            set_tensors(model, tensors)
+            self._last = (key, predict_logits(model, self.data)[1])
+        return self._last[1]
+
+    def metrics(self, tensors: Tensors) -> dict[str, float]:
+        r = metrics_from_logits(self.data.labels, self.logits(tensors))
+        out = {f"{self.prefix}{k}": r[k] for k in ("accuracy", "balanced_accuracy", "auc", "loss")}
         return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
-    return run
+    def calibration(self, tensors: Tensors) -> Calibration:
+        """Temperature scaling fitted on the validation split, with ECE before and after."""
+        logits, labels = self.logits(tensors), self.data.labels
+        t = fit_temperature(logits, labels)
+        return Calibration(temperature=t, fitted_on="validation",
+                           ece_before=expected_calibration_error(softmax(logits), labels),
+                           ece_after=expected_calibration_error(softmax(logits, t), labels))
 
 
 def validation_batch_for(data: ArrayDataset, seed: int, per_class: int = 16) -> ValidationBatch:
@@ -88,23 +113,6 @@ def tls_config(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfi
         if not p.is_file():
             raise ValueError(f"TLS file {p} does not exist")
     return TlsConfig(str(ca), str(cert), str(key))
-
-
-def calibrator_for(spec: ModelSpec, data: ArrayDataset) -> Callable[[Tensors], Calibration]:
-    """Temperature scaling fitted on the coordinator's validation split, shipped in the manifest."""
-    from learning.calibration import expected_calibration_error, fit_temperature, softmax
-    from learning.metrics import predict_logits
-
-    def run(tensors: Tensors) -> Calibration:
-        model = build_model(spec.architecture, **spec.kwargs)
-        set_tensors(model, tensors)
-        labels, logits = predict_logits(model, data)
-        t = fit_temperature(logits, labels)
-        return Calibration(temperature=t, fitted_on="validation",
-                           ece_before=expected_calibration_error(softmax(logits), labels),
-                           ece_after=expected_calibration_error(softmax(logits, t), labels))
-
-    return run
 
 
 def exporter_for(spec: ModelSpec, data: ArrayDataset, profile: FirmwareProfile
@@ -201,8 +209,8 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     vbatch = None
     if cfg.val_data is not None:
         val = load_medmnist(cfg.val_data, "val")
-        evaluator = evaluator_for(spec, val)
-        calibrator = calibrator_for(spec, val)
+        validation = ValidationPass(spec, val)
+        evaluator, calibrator = validation.metrics, validation.calibration
         exporter = exporter_for(spec, val, cfg.profile) if cfg.export else None
         vbatch = validation_batch_for(val, cfg.seed)
     topics = Topics(cfg.fleet)

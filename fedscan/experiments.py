@@ -67,7 +67,7 @@ def _train(spec: ModelSpec, start: Tensors, data: ArrayDataset, cfg: TrainingCon
 
 
 def federated(
-    spec: ModelSpec, train: ArrayDataset, parts: Sequence[np.ndarray], test: ArrayDataset, *, rounds: int,
+    spec: ModelSpec, train: ArrayDataset, parts: Sequence[np.ndarray], test: ArrayDataset | None, *, rounds: int,
     training: TrainingConfig, strategy: str = "fedavg", seed: int = 0, threads: int | None = None,
     site_names: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
     on_round: Callable[[Tensors], object] | None = None,
@@ -78,7 +78,8 @@ def federated(
     decoder (error-feedback state kept per site) and ``out.uplink`` records the chunked payload
     bytes per update, as the transport counts them. With ``attack`` (``fedscan.attacks``), every
     trained update is replaced by ``attack(site, update, global weights)`` before it is encoded and
-    aggregated (an attack changes only its attacker's update)."""
+    aggregated (an attack changes only its attacker's update). ``test=None`` skips the per-round test
+    metrics (timing references that evaluate through ``on_round`` instead)."""
     from protocol.chunks import split
     from protocol.codec import ErrorFeedbackState
     from protocol.frame import decode_update, encode_update, specs_of
@@ -110,6 +111,8 @@ def federated(
         weights, _ = strat.aggregate(r, weights, results)
         if on_round is not None:
             on_round(weights)
+        if test is None:  # timing references: ``on_round`` does the coordinator's evaluation
+            continue
         out.per_round.append(split_metrics(spec, weights, test))
         if progress:
             progress(f"federated round {r}/{rounds}: test acc {out.per_round[-1]['accuracy']:.3f}")

@@ -56,6 +56,22 @@ def classification_metrics(
     }
 
 
+def metrics_from_logits(
+    y_true: np.ndarray | Sequence[int], logits: np.ndarray, classes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """:func:`classification_metrics` plus ``loss`` (mean cross-entropy) from raw logits ``(N, C)``,
+    for callers that keep the logits for something else too (e.g. temperature scaling)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    if z.ndim != 2 or z.shape[0] != y.shape[0] or y.size == 0:
+        raise ValueError(f"need (N, C) logits with N={y.shape[0]} > 0, got {z.shape}")
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    out = classification_metrics(y, np.exp(log_p), classes)
+    out["loss"] = float(-log_p[np.arange(y.size), y].mean())
+    return out
+
+
 EvalData = ArrayDataset | TensorDataset | tuple[torch.Tensor, torch.Tensor]
 
 

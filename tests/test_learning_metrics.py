@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from learning.datasets import ArrayDataset
-from learning.metrics import classification_metrics, evaluate
+from learning.metrics import classification_metrics, evaluate, metrics_from_logits
 
 
 def test_binary_metrics_match_sklearn() -> None:
@@ -87,3 +87,18 @@ def test_evaluate_array_and_tensor_inputs_agree_and_restore_mode() -> None:
     assert m3["accuracy"] == m["accuracy"]
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, TensorDataset(x[:0], y[:0]))
+
+
+def test_metrics_from_logits_match_evaluate() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(50, 1, 4, 4)
+    y = torch.randint(0, 3, (50,))
+    ref = evaluate(model, (x, y))
+    with torch.no_grad():
+        logits = model(x).numpy()
+    got = metrics_from_logits(y.numpy(), logits)
+    for k in ("accuracy", "balanced_accuracy", "auc", "loss"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-5), k
+    with pytest.raises(ValueError):
+        metrics_from_logits(np.zeros(3, np.int64), np.zeros((2, 3)))
