@@ -308,9 +308,9 @@ def select_engine(
         except Exception as exc:  # any failure of one engine is a reason to fall back, never a crash
             reason = describe(exc)
             attempts.append(EngineAttempt(name, False, reason))
-            log.info("engine %s skipped: %s", name, reason)
             continue
         attempts.append(EngineAttempt(name, True, f"selected {engine.name}"))
-        log.info("engine %s selected (%s)", name, engine.name)
+        skipped = "; ".join(f"{a.name}: {a.reason}" for a in attempts if not a.ok)
+        log.info("engine %s selected (%s)%s", name, engine.name, f"; skipped {skipped}" if skipped else "")
         return engine, attempts
     raise NoEngine(attempts)
