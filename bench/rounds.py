@@ -70,18 +70,22 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
     first, last = store.get_round(1), store.get_round(rounds)
     second = store.get_round(2) if rounds > 1 else None
     overhead = []  # round duration minus the slowest agent's training time, rounds 2..R
+    phases: dict[str, list[float]] = {}  # the coordinator's own post-collection phases
     for rid in range(2, rounds + 1):
         r = store.get_round(rid)
         ups = store.list_updates(rid)
         if r is not None and ups:
             overhead.append((r.updated_at - r.created_at) - max(u.metrics.get("seconds", 0.0) for u in ups))
+            for k, ms in ((r.detail or {}).get("phases_ms") or {}).items():
+                phases.setdefault(k, []).append(float(ms) / 1000)
     store.close()
     if procs[0].returncode != 0 or first is None or last is None or last.status != "complete":
         raise RuntimeError(f"distributed run failed; see {state / 'log'}")
     return {"wall_s": wall, "rounds_s": last.updated_at - first.created_at,
             "steady_s": last.updated_at - (second.created_at if second is not None else first.created_at),
             "overhead_s": float(np.median(overhead)) if overhead else float("nan"),
-            "round1_s": first.updated_at - first.created_at}
+            "round1_s": first.updated_at - first.created_at,
+            **{f"coordinator_{k}_s": float(np.median(v)) for k, v in phases.items()}}
 
 
 def in_process(data: Path, parts: list[np.ndarray], rounds: int, lr: float, threads: int) -> list[float]:
@@ -170,6 +174,8 @@ def main() -> None:
          "ratio": dist["wall_s"] / whole[n]},
         {"arm": "distributed: round 1 (agent start-up, first model download)", "seconds": dist["round1_s"]},
         {"arm": "distributed: median per-round time outside the slowest agent's training", "seconds": dist["overhead_s"]},
+        *({"arm": f"distributed: of which coordinator {k[len('coordinator_'):-2]} (median)", "seconds": v}
+          for k, v in dist.items() if k.startswith("coordinator_")),
     ]
     print_table(rows, ["arm", "seconds", "ratio"])
     print(f"{args.rounds} rounds, {n} sites x {args.per_site} images, fastest of {args.repeats} runs per arm; "

@@ -312,6 +312,7 @@ class Coordinator:
     def _aggregate(self, round_id: int) -> None:
         self.store.set_round_status(round_id, "aggregating")
         assert self._base is not None and self._base_version is not None
+        clock = _PhaseClock()
         updates = sorted(self.store.list_updates(round_id), key=lambda u: u.agent_id)
         results = []
         for u in updates:
@@ -320,10 +321,13 @@ class Coordinator:
                 tensors = decode_update(self.blobs.get(u.blob_sha256), expected=self._specs, base=self._base).tensors
             results.append(ClientResult(u.agent_id, tensors, u.sample_count, u.metrics, u.staleness))
         new, report = self.strategy.aggregate(round_id, self._base, results)
+        clock.mark("aggregate")
         metrics = self.evaluator(new) if self.evaluator else {}
+        clock.mark("evaluate")
         version = version_name(round_id)
         participants = [r.agent_id for r in results]
         manifest = self._manifest_for(version, self._base_version, round_id, new, metrics, participants)
+        clock.mark("manifest")
         self.repo.save(manifest, new, self.strategy.state_dict())
         try:
             self.store.add_model(version=version, parent=self._base_version, round_id=round_id,
@@ -331,13 +335,16 @@ class Coordinator:
                                  state="active" if self.settings.rollout == "auto" else "candidate")
         except DuplicateError:
             log.info("round %d: model %s was already recorded before a restart", round_id, version)
+        clock.mark("save")
         traffic = self.transport.traffic
         self.store.set_round_status(round_id, "complete", result_version=version,
                                     detail={"metrics": manifest.metrics, "aggregation": _jsonable(report.details),
-                                            "traffic": {"rx_bytes": traffic.rx_bytes, "tx_bytes": traffic.tx_bytes}})
+                                            "traffic": {"rx_bytes": traffic.rx_bytes, "tx_bytes": traffic.tx_bytes},
+                                            "phases_ms": clock.phases_ms})
         self._publish_model(version)
         log.info("round %d complete: %s from %s, %s", round_id, version, participants,
                  {k: round(v, 4) for k, v in manifest.metrics.items()})
+        log.debug("round %d phases (ms): %s", round_id, clock.phases_ms)
         if self.on_round is not None:
             self.on_round(round_id, version, dict(manifest.metrics))
 
@@ -527,6 +534,19 @@ class Coordinator:
         agent, _ = parsed
         if self._enrolled(agent, "event"):
             self.store.record_event("agent_event", agent_id=agent, detail={"raw": payload[:2000].decode("utf-8", "replace")})
+
+
+class _PhaseClock:
+    """Milliseconds spent in each named phase since the previous mark (recorded with each round)."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self.phases_ms: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases_ms[phase] = round(1000 * (now - self._t), 1)
+        self._t = now
 
 
 def _jsonable(obj: Any) -> Any:
