@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedscan-installed
 DEMO_ARGS ?=
 BENCH_ARGS ?=
-BENCHES := federated rounds compression inference serve telemetry
+BENCHES := federated rounds compression inference serve telemetry privacy robustness
 
 .PHONY: install system-deps demo test lint bench bench-quick clean
 

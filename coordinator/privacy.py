@@ -215,3 +215,31 @@ def update_noise_multiplier_for(z: float, count_stddev: float) -> float:
             f"2·count_stddev > z (raise count_stddev, e.g. clients_per_round/20 with more clients)"
         )
     return float(rest ** -0.5)
+
+
+def noise_multiplier_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float, steps: int, *,
+                                 tolerance: float = 1e-3, orders: Sequence[float] | None = None) -> float:
+    """Smallest noise multiplier (within ``tolerance``, relative) whose ``steps`` compositions at
+    ``sampling_rate`` cost at most ``target_epsilon`` at ``delta`` on *this* module's accountant, so
+    a :class:`PrivacyBudget` of ``target_epsilon`` admits exactly the planned steps. Bisection."""
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ValueError("target_epsilon must be a finite number > 0 (ε = ∞ needs no noise)")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    acc = RdpAccountant(orders=orders)
+
+    def eps(z: float) -> float:
+        return acc.epsilon_after(delta, z, sampling_rate, steps)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches ε={target_epsilon} at δ={delta} in {steps} steps")
+    while hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
