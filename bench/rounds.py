@@ -48,19 +48,22 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
         (root / name).mkdir()
         np.save(root / name / "indices.npy", idx)
         store.enroll_agent(name, "xray-cxr-28", [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    # Agents train with one torch thread each; the coordinator's validation pass runs while they wait
+    # for the next model, so it gets as many threads as there are agents (the reference evaluates
+    # with the same total). PASSIVE: idle OpenMP threads sleep instead of spinning on the cores.
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     py = [sys.executable, "-m", "fedscan"]
     t0 = time.perf_counter()
     with local_broker(root / "broker") as broker:
         addr = f"127.0.0.1:{broker.port}"
         procs = [subprocess.Popen([*py, "coordinator", "--state", str(state), "--broker", addr, "--val-data", str(data),
                                    "--rounds", str(rounds), "--min-clients", str(len(sites)), "--lr", str(lr),
-                                   "--threads", "1", "--exit-when-done", "--no-export"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=open(state / "log", "wb"))]  # noqa: SIM115
+                                   "--threads", str(len(sites)), "--exit-when-done", "--no-export"],
+                                  env=dict(env, OMP_NUM_THREADS=str(len(sites))), stdout=subprocess.DEVNULL, stderr=open(state / "log", "wb"))]  # noqa: SIM115
         for name in sites:
             procs.append(subprocess.Popen([*py, "agent", "--id", name, "--broker", addr, "--data", str(data),
                                            "--indices", str(root / name / "indices.npy"), "--threads", "1", "--no-resource-gates",
-                                           "--state", str(root / name / "state")], env=env,
+                                           "--state", str(root / name / "state")], env=dict(env, OMP_NUM_THREADS="1"),
                                           stdout=subprocess.DEVNULL, stderr=open(root / name / "log", "wb")))  # noqa: SIM115
         try:
             procs[0].wait(timeout=3600)
