@@ -12,19 +12,23 @@ import numpy as np
 Tensors = dict[str, np.ndarray]
 
 
-def _check_same_keys(updates: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+def same_keys(updates: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    """The tensor names every update shares, in order; refuses differing names or shapes."""
     if not updates:
         raise ValueError("nothing to aggregate")
     keys = list(updates[0])
     for u in updates[1:]:
         if list(u) != keys:
             raise ValueError("updates have different tensor sets")
+        for k in keys:
+            if u[k].shape != updates[0][k].shape:
+                raise ValueError(f"tensor {k!r} has different shapes across updates")
     return keys
 
 
 def weighted_average(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Tensors:
     """Sum_i w_i x_i / sum_i w_i, accumulated in float64 for order-independent precision."""
-    keys = _check_same_keys(updates)
+    keys = same_keys(updates)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (len(updates),) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be {len(updates)} non-negative numbers with a positive sum")

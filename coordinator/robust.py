@@ -22,27 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.aggregate import Tensors
+from coordinator.aggregate import Tensors, same_keys
 
 Delta = Mapping[str, np.ndarray]
 
 
-def _keys(updates: Sequence[Delta]) -> list[str]:
-    if not updates:
-        raise ValueError("nothing to aggregate")
-    keys = list(updates[0])
-    for u in updates[1:]:
-        if list(u) != keys:
-            raise ValueError("updates have different tensor sets")
-        for k in keys:
-            if u[k].shape != updates[0][k].shape:
-                raise ValueError(f"tensor {k!r} has different shapes across updates")
-    return keys
 
 
 def flatten(updates: Sequence[Delta]) -> np.ndarray:
     """Stack updates as rows of an ``(n, d)`` float64 matrix (tensor order of the first update)."""
-    keys = _keys(updates)
+    keys = same_keys(updates)
     return np.stack(
         [np.concatenate([np.asarray(u[k], dtype=np.float64).ravel() for k in keys]) for u in updates]
     ) if keys else np.zeros((len(updates), 0))
