@@ -24,8 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -360,12 +359,3 @@ def fleet_registry(view: FleetView) -> CollectorRegistry:
     return registry
 
 
-def metrics_router(registry: CollectorRegistry, path: str = "/metrics") -> APIRouter:
-    """FastAPI route serving ``registry`` in the Prometheus text format."""
-    router = APIRouter()
-
-    @router.get(path, include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return router

@@ -182,7 +182,8 @@ def coordinator_app(store: Any, view: Any, rounds: int) -> Any:
     from fastapi import FastAPI
 
     from coordinator.dashboard import dashboard_router
-    from coordinator.fleet_view import fleet_registry, metrics_router
+    from coordinator.fleet_view import fleet_registry
+    from edge_agent.metrics import metrics_router
 
     def round_info() -> dict[str, Any] | None:
         r = store.latest_round()

@@ -18,8 +18,8 @@ from mqtt_broker import Broker
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.dashboard import dashboard_router
-from coordinator.fleet_view import FleetView, fleet_registry, metrics_router
-from edge_agent.metrics import AgentMetrics
+from coordinator.fleet_view import FleetView, fleet_registry
+from edge_agent.metrics import AgentMetrics, metrics_router
 from edge_agent.telemetry import TelemetryPublisher, TelemetrySampler
 from protocol.messages import Shadow, Status, Telemetry
 from protocol.topics import Topics
