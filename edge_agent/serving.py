@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -497,60 +497,59 @@ class DiagnosisService:
             model_version=m.version if m else None, engine=m.engine.name if m else None,
         ))
 
-    # entry points
-    async def diagnose_async(self, data: bytes, content_type: str | None, caller: str, source: str = "http") -> Diagnosis:
-        start = time.perf_counter()
+    # entry points: one request path, awaited (HTTP) or blocking (the DICOM SCP)
+    @contextlib.contextmanager
+    def _request(self, caller: str, source: str) -> Iterator[_Request]:
+        """Book-keeping around one diagnosis: wakes the gate controller, tells the batcher a request is
+        on its way until it is submitted, audits a refusal, and stamps the total time of a success."""
+        req = _Request(start=time.perf_counter(), batcher=self.batcher)
         self._notify()
-        loop = asyncio.get_running_loop()
         self.batcher.expect(1)
-        expected = True
         try:
+            yield req
+        except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:
+            self._refused(exc, caller, source, req.start)
+            raise
+        finally:
+            if req.expected:
+                self.batcher.expect(-1)
+        assert req.diagnosis is not None
+        req.diagnosis.timings.total_ms = (time.perf_counter() - req.start) * 1e3
+        self._report(req.start, "ok")
+
+    async def diagnose_async(self, data: bytes, content_type: str | None, caller: str, source: str = "http") -> Diagnosis:
+        loop = asyncio.get_running_loop()
+        with self._request(caller, source) as req:
             inline = self._inline_ok(data)
             if inline:
                 model, img, x, timings = self._prepare(data, content_type)
             else:
                 model, img, x, timings = await loop.run_in_executor(None, self._prepare, data, content_type)
-            self.batcher.expect(-1)  # before submit: the worker must not wait for this one
-            expected = False
-            fut = self.batcher.submit(model, x)
-            res = await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
+            res = await asyncio.wait_for(asyncio.wrap_future(req.submit(model, x)), self.timeout_s)
             finish = (model, img, x, res, timings, caller, source, _base_type(content_type))
-            if inline:
-                diag = self._finish(*finish)
-            else:
-                diag = await loop.run_in_executor(None, self._finish, *finish)
-        except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:
-            self._refused(exc, caller, source, start)
-            raise
-        finally:
-            if expected:
-                self.batcher.expect(-1)
-        diag.timings.total_ms = (time.perf_counter() - start) * 1e3
-        self._report(start, "ok")
-        return diag
+            req.diagnosis = self._finish(*finish) if inline else await loop.run_in_executor(None, self._finish, *finish)
+        return req.diagnosis
 
     def diagnose(self, data: bytes, content_type: str | None, caller: str, source: str = "dicom") -> Diagnosis:
         """Blocking variant for threads that are not an event loop (the DICOM SCP)."""
-        start = time.perf_counter()
-        self._notify()
-        self.batcher.expect(1)
-        expected = True
-        try:
+        with self._request(caller, source) as req:
             model, img, x, timings = self._prepare(data, content_type)
-            self.batcher.expect(-1)  # before submit: the worker must not wait for this one
-            expected = False
-            fut = self.batcher.submit(model, x)
-            res = fut.result(timeout=self.timeout_s)
-            diag = self._finish(model, img, x, res, timings, caller, source, _base_type(content_type))
-        except (ImageRejected, Overloaded, NotReady, InferenceFailed, TimeoutError) as exc:
-            self._refused(exc, caller, source, start)
-            raise
-        finally:
-            if expected:
-                self.batcher.expect(-1)
-        diag.timings.total_ms = (time.perf_counter() - start) * 1e3
-        self._report(start, "ok")
-        return diag
+            res = req.submit(model, x).result(timeout=self.timeout_s)
+            req.diagnosis = self._finish(model, img, x, res, timings, caller, source, _base_type(content_type))
+        return req.diagnosis
+
+
+@dataclass
+class _Request:
+    start: float
+    batcher: MicroBatcher
+    expected: bool = True  # counted in the batcher's expectations until submitted
+    diagnosis: Diagnosis | None = None
+
+    def submit(self, model: LoadedModel, x: np.ndarray) -> concurrent.futures.Future[InferenceResult]:
+        self.batcher.expect(-1)  # before submit: the worker must not wait for this one
+        self.expected = False
+        return self.batcher.submit(model, x)
 
 
 def _base_type(content_type: str | None) -> str:
