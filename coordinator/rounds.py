@@ -30,7 +30,7 @@ from coordinator.strategies import ClientResult, Strategy
 from protocol.chunks import Reassembler, parse_chunk, split
 from protocol.codec import Tensors, TensorSpec
 from protocol.errors import FrameError, MalformedMessage, ProtocolError, UnknownTopic
-from protocol.frame import decode_update, encode_model
+from protocol.frame import decode_update, encode_model, read_header
 from protocol.manifest import Architecture, Artifact, Calibration, InputSpec, Manifest, TensorEntry, ValidationBatch
 from protocol.messages import Ack, ModelRequest, Shadow, Status, Task, TrainingConfig, parse_message
 from protocol.profile import CompressionSection
@@ -61,6 +61,14 @@ class RoundSettings:
     # auto: every new round model is served by every agent (recorded active); manual: round models
     # are candidates that agents train from, served only after approval + a staged rollout.
     rollout: Literal["auto", "manual"] = "auto"
+    # sync: a round waits for min_clients updates trained from its base and refuses later ones.
+    # async (buffered, as FedBuff): a round closes once min_clients updates are in its buffer; an
+    # update trained from an older round's model still counts, scaled by
+    # (1 + staleness) ** -staleness_exponent, when it is at most max_staleness rounds old; an agent
+    # that is still training is not sent a newer task.
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 4
+    staleness_exponent: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,9 @@ class Coordinator:
         self._specs: list[TensorSpec] = []
         self._reassembler = Reassembler()
         self._accepted: dict[str, Tensors] = {}
+        self._task_sent: dict[str, tuple[int, str, float]] = {}  # async: agent -> task it is working on
+        self._deferred: list[tuple[str, int, str, bytes]] = []  # async: complete frames that arrived between buffers
+        self._older_bases: OrderedDict[str, Tensors] = OrderedDict()
         self._model_frames: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self.counters: dict[str, int] = {}
         self._profile_cache: dict[str, CompressionSection | None] = {}
@@ -235,13 +246,16 @@ class Coordinator:
             base_version = latest_model.version
             deadline = time.time() + self.settings.deadline_s
             self.store.create_round(round_id, base_version=base_version, config=self._task_training(round_id)
-                                    .model_dump(), deadline=deadline)
+                                    .model_dump(), deadline=deadline, mode=self.settings.mode)
             self.store.set_round_status(round_id, "collecting")
         self._load_base(base_version)
         with self._lock:
             self._current = round_id
             self._current_task = (round_id, base_version, deadline)
             self._accepted = {}
+            deferred, self._deferred = self._deferred, []
+            for agent, task_round, update_id, frame in deferred:
+                self._admit_async(agent, task_round, update_id, frame)
         log.info("round %d: collecting from base %s (min %d clients, deadline in %.0fs)", round_id, base_version,
                  self.settings.min_clients, deadline - time.time())
         last_announce = 0.0
@@ -278,12 +292,23 @@ class Coordinator:
     def _announce(self, round_id: int, base_version: str, deadline: float) -> None:
         for agent in self.store.list_agents():
             if not self.store.has_update(round_id, agent.agent_id):
-                self._send_task(agent.agent_id, agent.profile, round_id, base_version, deadline)
+                self._send_task(agent.agent_id, agent.profile, *self._task_for(agent.agent_id, (round_id, base_version,
+                                                                                                deadline)))
+
+    def _task_for(self, agent_id: str, current: tuple[int, str, float]) -> tuple[int, str, float]:
+        """The task an agent should hold: the current round's, or in async mode the earlier task it
+        is still working on while that one can still count (a re-announcement it ignores)."""
+        sent = self._task_sent.get(agent_id) if self.settings.mode == "async" else None
+        if sent is not None and current[0] - sent[0] <= self.settings.max_staleness and time.time() < sent[2]:
+            return sent
+        return current
 
     def _send_task(self, agent_id: str, profile: str, round_id: int, base_version: str, deadline: float) -> None:
         codec, chunk_bytes, window = self._uplink_for(profile)
-        task = Task(round_id=round_id, base_version=base_version, deadline=deadline,
+        task = Task(round_id=round_id, base_version=base_version, deadline=deadline, mode=self.settings.mode,
                     training=self._task_training(round_id), codec=codec, chunk_bytes=chunk_bytes, window=window)
+        if self.settings.mode == "async":
+            self._task_sent[agent_id] = (round_id, base_version, deadline)
         self.transport.publish(self.topics.tasks(agent_id), task.to_bytes())
 
     def _uplink_for(self, profile_name: str) -> tuple[str, int, int]:
@@ -317,8 +342,11 @@ class Coordinator:
         results = []
         for u in updates:
             tensors = self._accepted.get(u.agent_id)
-            if tensors is None:
-                tensors = decode_update(self.blobs.get(u.blob_sha256), expected=self._specs, base=self._base).tensors
+            if tensors is None:  # after a restart: decode again from the stored frame
+                frame = self.blobs.get(u.blob_sha256)
+                trained_from = self._tensors_of(read_header(frame)[0].base_version)
+                client = decode_update(frame, expected=self._specs, base=trained_from).tensors
+                tensors = self._discounted(client, trained_from, u.staleness)
             results.append(ClientResult(u.agent_id, tensors, u.sample_count, u.metrics, u.staleness))
         new, report = self.strategy.aggregate(round_id, self._base, results)
         clock.mark("aggregate")
@@ -385,6 +413,9 @@ class Coordinator:
             return
         update_id = chunk.header.transfer_id
         with self._lock:
+            if self.settings.mode == "async":
+                self._on_async_chunk(agent, round_id, update_id, chunk)
+                return
             if self._current != round_id:
                 if self.store.has_update(round_id, agent):
                     self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="duplicate"))
@@ -395,44 +426,123 @@ class Coordinator:
             if self.store.has_update(round_id, agent):
                 self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="duplicate"))
                 return
-            try:
-                r = self._reassembler.add(chunk)
-                if not r.complete:
-                    if chunk.header.index == chunk.header.count - 1:
-                        self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="incomplete",
-                                             missing=r.missing[:1000]))
-                    return
-                frame = r.blob()
-                self._reassembler.discard(update_id)
-                decoded = decode_update(frame, expected=self._specs, base=self._base,
-                                        max_update_norm=self.settings.max_update_norm)
-                h = decoded.header
-                if h.agent_id != agent or h.round_id != round_id:
-                    raise FrameError(f"frame says agent {h.agent_id} round {h.round_id}, topic says {agent} {round_id}",
-                                     reason="topic_mismatch")
-                if h.base_version != self._base_version:
-                    raise FrameError(f"update trained from {h.base_version}, round base is {self._base_version}",
-                                     reason="stale_base")
-            except FrameError as exc:
-                self._reassembler.discard(update_id)
-                self._reject("update", agent, round_id, exc)
-                self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="rejected", reason=exc.reason,
-                                     detail=str(exc)[:300]))
-                return
-            sha = self.blobs.put(frame)
-            try:
-                self.store.add_update(round_id=round_id, agent_id=agent, update_id=h.update_id,
-                                      sample_count=h.sample_count, metrics=dict(h.metrics), blob_sha256=sha,
-                                      nbytes=len(frame))
-            except DuplicateError:
-                self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="duplicate"))
-                return
-            self._accepted[agent] = decoded.tensors
-            self._count("update:accepted")
-            log.info("round %d: accepted update from %s (%d samples, %d bytes)", round_id, agent, h.sample_count,
-                     len(frame))
-            self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="accepted"))
-            self._lock.notify_all()
+            frame = self._reassemble(agent, round_id, update_id, chunk)
+            if frame is not None:
+                assert self._base is not None and self._base_version is not None
+                self._accept_frame(agent, round_id, update_id, frame, base_version=self._base_version, base=self._base,
+                                   staleness=0)
+
+    def _reassemble(self, agent: str, round_id: int, update_id: str, chunk: Any) -> bytes | None:
+        """Add a chunk; the whole frame once complete, else None (the last chunk of an incomplete
+        transfer is answered with the missing indices)."""
+        try:
+            r = self._reassembler.add(chunk)
+        except FrameError as exc:
+            self._reassembler.discard(update_id)
+            self._refuse_update(agent, round_id, update_id, exc)
+            return None
+        if not r.complete:
+            if chunk.header.index == chunk.header.count - 1:
+                self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="incomplete",
+                                     missing=r.missing[:1000]))
+            return None
+        frame = r.blob()
+        self._reassembler.discard(update_id)
+        return frame
+
+    def _refuse_update(self, agent: str, round_id: int, update_id: str, exc: FrameError) -> None:
+        self._reject("update", agent, round_id, exc)
+        self._ack(agent, Ack(update_id=update_id, round_id=round_id, status="rejected", reason=exc.reason,
+                             detail=str(exc)[:300]))
+        sent = self._task_sent.get(agent)
+        if sent is not None and sent[0] == round_id:
+            del self._task_sent[agent]  # that task is over for it: it gets the current one next
+
+    def _accept_frame(self, agent: str, task_round: int, update_id: str, frame: bytes, *, base_version: str,
+                      base: Tensors, staleness: int) -> None:
+        """Decode and check a complete update trained from ``base_version`` for ``task_round``, persist it
+        in the open round (its buffer) and acknowledge it. Caller holds the lock."""
+        round_id = self._current
+        assert round_id is not None
+        try:
+            decoded = decode_update(frame, expected=self._specs, base=base, max_update_norm=self.settings.max_update_norm)
+            h = decoded.header
+            if h.agent_id != agent or h.round_id != task_round:
+                raise FrameError(f"frame says agent {h.agent_id} round {h.round_id}, topic says {agent} {task_round}",
+                                 reason="topic_mismatch")
+            if h.base_version != base_version:
+                raise FrameError(f"update trained from {h.base_version}, round {task_round} base is {base_version}",
+                                 reason="stale_base")
+        except FrameError as exc:
+            self._refuse_update(agent, task_round, update_id, exc)
+            return
+        sha = self.blobs.put(frame)
+        try:
+            self.store.add_update(round_id=round_id, agent_id=agent, update_id=h.update_id,
+                                  sample_count=h.sample_count, metrics=dict(h.metrics), blob_sha256=sha,
+                                  nbytes=len(frame), staleness=staleness)
+        except DuplicateError:
+            self._ack(agent, Ack(update_id=update_id, round_id=task_round, status="duplicate"))
+            return
+        self._accepted[agent] = self._discounted(decoded.tensors, base, staleness)
+        self._task_sent.pop(agent, None)
+        self._count("update:accepted")
+        log.info("round %d: accepted update from %s (%d samples, %d bytes%s)", round_id, agent, h.sample_count,
+                 len(frame), f", {staleness} rounds stale" if staleness else "")
+        self._ack(agent, Ack(update_id=update_id, round_id=task_round, status="accepted"))
+        self._lock.notify_all()
+
+    # -- async (buffered) rounds ---------------------------------------------------------------------
+    def _on_async_chunk(self, agent: str, task_round: int, update_id: str, chunk: Any) -> None:
+        known = self.store.get_update(update_id)
+        if known is not None and known.agent_id == agent:  # a resend whose ack was lost
+            self._ack(agent, Ack(update_id=update_id, round_id=task_round, status="duplicate"))
+            return
+        frame = self._reassemble(agent, task_round, update_id, chunk)
+        if frame is None:
+            return
+        if self._current is None:  # between two buffers: admitted when the next one opens
+            self._deferred.append((agent, task_round, update_id, frame))
+            return
+        self._admit_async(agent, task_round, update_id, frame)
+
+    def _admit_async(self, agent: str, task_round: int, update_id: str, frame: bytes) -> None:
+        current = self._current
+        assert current is not None
+        staleness = current - task_round
+        task = self.store.get_round(task_round) if staleness >= 0 else None
+        if task is None:
+            self._refuse_update(agent, task_round, update_id,
+                                FrameError(f"round {task_round} was never announced", reason="round_closed"))
+        elif staleness > self.settings.max_staleness:
+            self._refuse_update(agent, task_round, update_id, FrameError(
+                f"trained for round {task_round}, {staleness} rounds behind (max {self.settings.max_staleness})",
+                reason="too_stale"))
+        elif self.store.has_update(current, agent):
+            self._refuse_update(agent, task_round, update_id, FrameError(
+                f"round {current} already holds an update from {agent}", reason="already_in_buffer"))
+        else:
+            self._accept_frame(agent, task_round, update_id, frame, base_version=task.base_version,
+                               base=self._tensors_of(task.base_version), staleness=staleness)
+
+    def _tensors_of(self, version: str) -> Tensors:
+        if version == self._base_version and self._base is not None:
+            return self._base
+        if version not in self._older_bases:
+            self._older_bases[version] = self.repo.tensors(version)
+            while len(self._older_bases) > self.settings.max_staleness + 1:
+                self._older_bases.popitem(last=False)
+        return self._older_bases[version]
+
+    def _discounted(self, tensors: Tensors, trained_from: Tensors, staleness: int) -> Tensors:
+        """A stale update as a client model on the current base: ``base + s * (client - its base)``,
+        ``s = (1 + staleness) ** -exponent`` (FedBuff). A fresh update is returned unchanged."""
+        if staleness == 0:
+            return tensors
+        assert self._base is not None
+        s = (1.0 + staleness) ** -self.settings.staleness_exponent
+        return {k: (self._base[k] + s * (v.astype(np.float64) - trained_from[k])).astype(v.dtype)
+                for k, v in tensors.items()}
 
     def _on_model_request(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, "model_request")
@@ -496,7 +606,8 @@ class Coordinator:
             self.store.mark_seen(agent, online=st.state == "online", at=time.time())
             current = self._current_task
             if st.state == "online" and current is not None and not self.store.has_update(current[0], agent):
-                self._send_task(record.agent_id, record.profile, *current)  # it may have missed the announcement
+                # it may have missed the announcement (or restarted: its outbox resends a finished update)
+                self._send_task(record.agent_id, record.profile, *self._task_for(agent, current))
 
     def _on_reported(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, "shadow")

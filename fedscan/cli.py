@@ -82,6 +82,9 @@ def coordinator(
     rollout: Annotated[str, typer.Option(help="auto: every new model is served by all agents; manual: new models "
                                          "are candidates, served after `fedscan model approve` + `rollout start`")
                        ] = "auto",
+    mode: Annotated[str, typer.Option(help="sync: every round waits for its own updates; async: MIN_CLIENTS updates "
+                                      "close a round and late ones count in a later round, down-weighted")] = "sync",
+    max_staleness: Annotated[int, typer.Option(help="async: how many rounds old an update may be")] = 4,
     store_url: str | None = None,
     threads: int | None = None,
     exit_when_done: Annotated[bool, typer.Option(help="exit after the last round instead of serving on")] = False,
@@ -102,12 +105,15 @@ def coordinator(
     if rollout not in ("auto", "manual"):
         typer.echo(f"error: --rollout must be auto or manual, not {rollout!r}", err=True)
         raise typer.Exit(EXIT_CONFIG)
+    if mode not in ("sync", "async") or max_staleness < 0:
+        typer.echo(f"error: --mode must be sync or async (not {mode!r}) and --max-staleness >= 0", err=True)
+        raise typer.Exit(EXIT_CONFIG)
     cfg = CoordinatorConfig(
         state_dir=state, broker=broker, profile=_profile(profile), val_data=val_data, rounds=rounds,
         min_clients=min_clients, deadline_s=deadline, strategy=strategy, rollout=rollout,
         training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                 max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
-        codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads,
+        codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads, mode=mode, max_staleness=max_staleness,
         exit_when_done=exit_when_done, http_port=http_port, export=export, tls=_tls(tls_ca, tls_cert, tls_key),
     )
     _run(lambda: run_coordinator(cfg))

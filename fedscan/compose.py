@@ -168,6 +168,8 @@ class CoordinatorConfig:
     seed: int = 0
     fleet: str = "default"
     rollout: str = "auto"  # auto | manual: how models get served (coordinator/lifecycle.py)
+    mode: str = "sync"  # sync | async (buffered: min_clients updates close a round, stale ones count less)
+    max_staleness: int = 4
     tls: TlsConfig | None = None  # mutual TLS to the broker (deploy/pki, deploy/mosquitto)
     store_url: str | None = None
     threads: int | None = None
@@ -224,7 +226,8 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
         transport=transport, topics=topics, strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
         settings=RoundSettings(rounds=cfg.rounds, min_clients=cfg.min_clients, deadline_s=cfg.deadline_s,
                                training=cfg.training, codec=cfg.codec, seed=cfg.seed,
-                               rollout="manual" if cfg.rollout == "manual" else "auto"),
+                               rollout="manual" if cfg.rollout == "manual" else "auto",
+                               mode="async" if cfg.mode == "async" else "sync", max_staleness=cfg.max_staleness),
         model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator, calibrator=calibrator,
         exporter=exporter,
         signer=ensure_signing_key(cfg.state_dir), validation_batch=vbatch,
