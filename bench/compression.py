@@ -4,6 +4,16 @@ transport counts them), ratio to the float32 update, encode/decode time, and fin
 
 The federation runs in-process, but every update goes through the real frame encoder/decoder
 and chunker; error-feedback residuals persist per site across rounds.
+
+15 rounds of 1 local epoch, as in ``bench/federated.py``: the uncompressed model is close to its
+plateau there. (At 6 rounds nothing has converged and the table measured how fast each codec
+starts, not what it costs: top-k with error feedback sends its backlog over the later rounds.)
+
+Reading the codec names: ``topk:F|ef|q:4`` feeds back only what top-k dropped and quantizes the
+kept values stochastically; ``topk:F|q:1|ef`` sends the sign of each kept value with one mean
+magnitude per tensor (ternary, as in Sattler et al.'s sparse ternary compression) and feeds back
+the whole error. The last row is the verdict: the largest ratio whose mean accuracy is within
+1 point of raw, and whether it reaches 50x.
 """
 
 from __future__ import annotations
@@ -28,23 +38,24 @@ from learning.partition import dirichlet_label_skew
 from protocol.messages import TrainingConfig
 from protocol.profile import find_profile
 
-CODECS_ALL = [
+CODECS = [
     "raw",
     "raw|zstd",
     "delta|q:8|zstd",
     "delta|q:4|zstd",
-    "delta|topk:0.05|ef|q:8|zstd",
-    "delta|topk:0.01|ef|q:8|zstd",
-    "delta|topk:0.01|ef|sign|zstd",
     "delta|q:2|zstd",
-    "delta|topk:0.02|ef|q:8|zstd",
+    "delta|topk:0.05|ef|q:4|zstd",
+    "delta|topk:0.05|ef|q:2|zstd",
+    "delta|topk:0.03|ef|q:4|zstd",
+    "delta|topk:0.03|ef|q:2|zstd",
+    "delta|topk:0.02|q:1|ef|zstd",
 ]
-CODECS = CODECS_ALL
+TARGET_RATIO, TARGET_POINTS = 50.0, 1.0
 
 
 def main() -> None:
     p = parser(__doc__ or "")
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--codecs", default=None, help="comma-separated subset (default: all)")
     args = p.parse_args()
@@ -86,9 +97,15 @@ def main() -> None:
             "balanced_accuracy": float(np.mean([r.final["balanced_accuracy"] for r in runs])),
             "auc": float(np.mean([r.final["auc"] for r in runs])),
             "seeds": args.seeds, "rounds": args.rounds,
+            "within_1_point": bool(100 * (acc - raw_acc) >= -TARGET_POINTS),
         })
+    passing = [r for r in rows if r["within_1_point"] and r["ratio"] >= TARGET_RATIO]
+    best = max((r for r in rows if r["within_1_point"]), key=lambda r: r["ratio"])
+    rows.append({"codec": "verdict: best ratio within 1 point of raw", "best_codec": best["codec"],
+                 "ratio": best["ratio"], "accuracy_points_vs_raw": best["accuracy_points_vs_raw"],
+                 "meets_target": bool(passing), "target_ratio": TARGET_RATIO})
     print_table(rows, ["codec", "bytes", "ratio", "encode_ms", "decode_ms", "accuracy", "accuracy_points_vs_raw",
-                       "auc"])
+                       "auc", "within_1_point"])
     print(f"small CNN ({n_params:,} float32 parameters = {float32:,} B), 4 sites, Dirichlet 0.5, "
           f"{args.rounds} rounds, {args.seeds} seeds; {time.perf_counter() - t0:.0f}s")
     name = "compression" if args.codecs is None else "compression-" + str(args.rounds) + "r"
