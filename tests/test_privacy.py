@@ -217,3 +217,16 @@ def test_parameter_validation() -> None:
         CentralDP(1.0, population=10)
     with pytest.raises(ValueError, match="no budget"):
         CentralDP(0.0).load_state_dict({"privacy/events": np.zeros((1, 3))})
+
+
+def test_noise_multiplier_for_epsilon_is_the_smallest_within_budget() -> None:
+    from coordinator.privacy import noise_multiplier_for_epsilon
+
+    z = noise_multiplier_for_epsilon(4.0, 1e-5, 0.5, 20)
+    acc = RdpAccountant()
+    assert acc.epsilon_after(1e-5, z, 0.5, 20) <= 4.0 < acc.epsilon_after(1e-5, z * 0.99, 0.5, 20)
+    budget = PrivacyBudget(4.0, 1e-5)
+    for _ in range(20):
+        budget.spend(noise_multiplier=z, sampling_rate=0.5)
+    with pytest.raises(BudgetExhausted):
+        budget.spend(noise_multiplier=z, sampling_rate=0.5)
