@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from edge_agent.installer import ModelInstaller, build_from_manifest
 from edge_agent.validation import validation_detail
@@ -60,6 +61,14 @@ class AgentSettings:
     trust: TrustStore | None = None  # None: model signatures are not checked (logged at start)
 
 
+class TrainingObserver(Protocol):
+    """What watches the agent's training jobs (``edge_agent.metrics.AgentMetrics``)."""
+
+    def training_started(self, round_id: int, steps_total: int) -> None: ...
+    def on_train_progress(self, steps_done: int, steps_planned: int, loss: float) -> None: ...
+    def training_finished(self, state: str = "done") -> None: ...
+
+
 class EdgeAgent:
     def __init__(self, settings: AgentSettings, transport: Transport, dataset: ArrayDataset | None) -> None:
         self.s = settings
@@ -84,6 +93,7 @@ class EdgeAgent:
         self._stop = threading.Event()
         self.dataset_provider: Callable[[], TrainData | None] | None = None
         self.engine_report: dict[str, object] = {}
+        self.training_observer: TrainingObserver | None = None  # e.g. the agent's /metrics
 
     # -- wiring ---------------------------------------------------------------------------------
     def status_payload(self, state: str) -> bytes:
@@ -344,8 +354,21 @@ class EdgeAgent:
         model.train()
         cfg = task.training.model_copy(update={"seed": agent_seed(task.training.seed, self.s.agent_id)})
         t0 = time.perf_counter()
-        result = train_local(model, data, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,
-                             checkpoint_path=self.s.state_dir / f"train-round-{task.round_id}.ckpt")
+        watch = self.training_observer
+        if watch is not None:
+            watch.training_started(task.round_id, 0)  # the trainer reports the planned steps with its first step
+        state = "failed"
+        try:
+            result = train_local(model, data, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,
+                                 checkpoint_path=self.s.state_dir / f"train-round-{task.round_id}.ckpt",
+                                 progress=watch.on_train_progress if watch is not None else None)
+            state = "done"
+        except TrainingCancelled:
+            state = "idle"  # stopped by the agent shutting down
+            raise
+        finally:
+            if watch is not None:
+                watch.training_finished(state)
         (self.s.state_dir / f"train-round-{task.round_id}.ckpt").unlink(missing_ok=True)
         self.rounds_trained += 1
         log.info("agent %s: round %d trained %d steps in %.1fs (loss %.4f)", self.s.agent_id, task.round_id,

@@ -350,6 +350,7 @@ def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTrans
         log.warning("resource gates are off (co-located simulation): only inference requests pause training")
         gates = GateController(None, None, hook=agent.pause, on_change=metrics.on_gate_change)
     gates.start()
+    agent.training_observer = metrics
     svc = EdgeServices(served, store, metrics, gates, [gates.stop])
     if cfg.telemetry:
         sampler = TelemetrySampler(disk_path=str(cfg.state_dir), inference=metrics.inference_summary,

@@ -1,0 +1,59 @@
+"""The agent's training jobs drive its /metrics: round, steps done of steps planned, loss, active."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge_agent.agent import AgentSettings, EdgeAgent
+from edge_agent.metrics import AgentMetrics
+from learning.datasets import make_synthetic
+from learning.models import build_model
+from learning.state import get_tensors
+from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry
+from protocol.messages import Task, TrainingConfig
+from protocol.profile import find_profile
+from protocol.tensors import tensor_hash
+from protocol.transport import MemoryBroker, MemoryTransport
+
+
+def _samples(metrics: AgentMetrics) -> dict[str, float]:
+    text = metrics.exposition().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_training_progress_reaches_the_agent_metrics(tmp_path: Path) -> None:
+    kwargs = {"in_channels": 1, "num_classes": 2, "width": 8, "norm": "group"}
+    torch.manual_seed(0)
+    weights = get_tensors(build_model("small_cnn", **kwargs))
+    manifest = Manifest(version="v0", architecture=Architecture(name="small_cnn", kwargs=kwargs),
+                        classes=["normal", "pneumonia"], input=InputSpec(channels=1, height=28, width=28),
+                        tensors=[TensorEntry(name=k, shape=v.shape) for k, v in weights.items()],
+                        tensor_hash=tensor_hash(weights))
+    t = MemoryTransport(MemoryBroker(), "a1")
+    t.connect()
+    agent = EdgeAgent(AgentSettings("a1", find_profile("xray-cxr-28"), tmp_path, threads=1), t, make_synthetic(64, seed=1))
+    agent.installer.install(manifest, weights)
+    metrics = AgentMetrics()
+    agent.training_observer = metrics
+    seen: list[dict[str, float]] = []
+    real = metrics.on_train_progress
+
+    def spy(done: int, planned: int, loss: float) -> None:
+        real(done, planned, loss)
+        seen.append(_samples(metrics))
+
+    metrics.on_train_progress = spy  # type: ignore[method-assign]
+    task = Task(round_id=7, base_version="v0", deadline=time.time() + 60,
+                training=TrainingConfig(local_epochs=2, batch_size=16, lr=0.05))
+    agent._train(task, make_synthetic(64, seed=1))
+    assert seen, "the trainer never reported progress"
+    assert all(s["fedscan_training_active"] == 1 and s["fedscan_training_round"] == 7 for s in seen)
+    assert [s["fedscan_training_step"] for s in seen] == sorted(s["fedscan_training_step"] for s in seen)
+    assert seen[-1]["fedscan_training_step"] == seen[-1]["fedscan_training_steps_total"] == 8  # 2 epochs x 64/16
+    end = _samples(metrics)
+    assert end["fedscan_training_active"] == 0 and end["fedscan_training_loss"] > 0
+    assert metrics.training_summary()["state"] == "done"
