@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_coordinator_rounds import SPEC, Harness, _frame, _init
 
 from coordinator.model_repo import ModelRepository
 from coordinator.rounds import Coordinator, RoundSettings
@@ -17,7 +18,6 @@ from coordinator.strategies import build_strategy
 from protocol.codec import Tensors
 from protocol.tensors import tensor_hash
 from protocol.transport import MemoryTransport
-from test_coordinator_rounds import SPEC, Harness, _frame, _init
 
 SETTINGS = RoundSettings(rounds=3, min_clients=2, deadline_s=60, reannounce_s=0.2, mode="async", max_staleness=1)
 
