@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--sites", type=int, default=2)
     p.add_argument("--per-site", type=int, default=1200)
-    p.add_argument("--repeats", type=int, default=2, help="runs of each arm; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each arm; the fastest counts")
     p.add_argument("--reference-worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--parts", type=Path, help=argparse.SUPPRESS)
