@@ -2,12 +2,16 @@
 
 Every function takes a list of ``Tensors`` (client *deltas*, i.e. client weights minus the
 global base, all with the same names and shapes) and returns new arrays. Sample counts are
-deliberately not used here: they are self-reported, so an attacker could claim a huge count
-to outweigh everyone else; robust aggregators treat each client as one vote.
+self-reported, so an attacker could claim a huge count to outweigh everyone else: the plain
+aggregators give each client one vote, the weighted ones take capped counts.
 
 - ``coordinate_median`` — per coordinate median (Yin et al. 2018).
 - ``trimmed_mean`` — per coordinate, drop the ``floor(beta * n)`` largest and smallest values,
   average the rest (Yin et al. 2018).
+- ``weighted_trimmed_mean`` / ``weighted_median`` — the same with each client's (capped)
+  sample count as its weight: under label and quantity skew the unweighted ones ignore how much
+  data each site holds and land far from FedAvg even without an attacker; ``capped_weights``
+  bounds what a lied-about count can buy.
 - ``krum`` / ``multi_krum`` — pick the update(s) closest to their ``n - f - 2`` nearest
   neighbours (Blanchard et al. 2017); ``multi_krum`` averages the ``m`` best.
 - ``norm_bound`` — scale every delta down to at most ``max_norm`` (Sun et al. 2019).
@@ -66,6 +70,52 @@ def trimmed_mean(updates: Sequence[Delta], beta: float) -> Tensors:
         raise ValueError(f"trimming {k} from each end of {n} updates leaves nothing")
     x = np.sort(flatten(updates), axis=0)
     return unflatten(x[k : n - k].mean(axis=0), updates[0])
+
+
+def capped_weights(counts: Sequence[float], cap: float) -> np.ndarray:
+    """Self-reported sample counts as weights, each capped at ``cap`` times the median count, so a
+    client that claims a huge count gains at most ``cap`` median clients' say."""
+    w = np.asarray(counts, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0 or np.any(~np.isfinite(w)) or np.any(w < 0) or cap <= 0:
+        raise ValueError("counts must be finite and non-negative, cap > 0")
+    return np.minimum(w, cap * float(np.median(w)))
+
+
+def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray, beta: float) -> Tensors:
+    """Per coordinate, sort the values, give each value its share of the total weight, cut the
+    ``beta`` share of weight mass from each end (a value straddling a cut keeps the part inside),
+    and average what is left by weight. ``beta = 0`` is the weighted mean (FedAvg); as ``beta``
+    approaches 0.5 it becomes the weighted median. A client with weight share at most ``beta`` can
+    never move the result outside the range of the honest values."""
+    if not 0.0 <= beta < 0.5:
+        raise ValueError("trimmed mean beta must be in [0, 0.5)")
+    x = flatten(updates)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum, one per update")
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, axis=0)
+    ws = (w / w.sum())[order]
+    hi = np.cumsum(ws, axis=0)
+    kept = np.clip(np.minimum(hi, 1.0 - beta) - np.maximum(hi - ws, beta), 0.0, None)
+    return unflatten((kept * xs).sum(axis=0) / kept.sum(axis=0), updates[0])
+
+
+def weighted_median(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray) -> Tensors:
+    """Per coordinate, the value at which the cumulative weight crosses one half (the mean of the
+    two values when it lands exactly on a boundary)."""
+    x = flatten(updates)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum, one per update")
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, axis=0)
+    hi = np.cumsum((w / w.sum())[order], axis=0)
+    eps = 1e-12
+    lower = np.argmax(hi >= 0.5 - eps, axis=0)  # first value whose cumulative weight reaches 1/2
+    upper = np.argmax(hi > 0.5 + eps, axis=0)  # first value strictly past 1/2
+    cols = np.arange(x.shape[1])
+    return unflatten(0.5 * (xs[lower, cols] + xs[upper, cols]), updates[0])
 
 
 def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:

@@ -161,3 +161,39 @@ def test_strategy_registry_and_parameters() -> None:
     assert Median().state_dict() == {}
     with pytest.raises(ValueError):
         Median().load_state_dict({"x": np.zeros(1)})
+
+
+def test_weighted_trimmed_mean_is_fedavg_at_zero_and_bounded_by_the_honest_values() -> None:
+    from coordinator import robust as rb
+
+    rng = np.random.default_rng(4)
+    honest = [{"w": rng.normal(size=(6, 5)).astype(np.float32)} for _ in range(4)]
+    weights = [300.0, 50.0, 200.0, 450.0]
+    np.testing.assert_allclose(rb.weighted_trimmed_mean(honest, weights, 0.0)["w"], rb.mean(honest, weights)["w"],
+                               rtol=1e-6, atol=1e-7)
+    lo = np.min([u["w"] for u in honest], axis=0)
+    hi = np.max([u["w"] for u in honest], axis=0)
+    for sign in (-1.0, 1.0):  # an attacker holding 10 % of the weight, far out on either side
+        attacker = {"w": (sign * 1e6 * np.ones((6, 5))).astype(np.float32)}
+        share = 0.1 * sum(weights) / 0.9
+        out = rb.weighted_trimmed_mean([*honest, attacker], [*weights, share], 0.2)["w"]
+        assert np.all(out >= lo - 1e-6) and np.all(out <= hi + 1e-6)
+        med = rb.weighted_median([*honest, attacker], [*weights, share])["w"]
+        assert np.all(med >= lo - 1e-6) and np.all(med <= hi + 1e-6)
+    # more than beta of the weight can drag the trimmed mean outside: the bound is real, not free
+    big = {"w": np.full((6, 5), 1e6, np.float32)}
+    assert np.all(rb.weighted_trimmed_mean([*honest, big], [*weights, sum(weights)], 0.2)["w"] > hi)
+
+
+def test_weighted_median_matches_the_plain_median_for_equal_weights_and_caps_lied_counts() -> None:
+    from coordinator import robust as rb
+
+    rng = np.random.default_rng(5)
+    ups = [{"w": rng.normal(size=(7,)).astype(np.float32)} for _ in range(5)]
+    np.testing.assert_allclose(rb.weighted_median(ups, [1.0] * 5)["w"], rb.coordinate_median(ups)["w"], rtol=1e-6)
+    np.testing.assert_allclose(rb.weighted_median(ups[:4], [2.0] * 4)["w"], rb.coordinate_median(ups[:4])["w"],
+                               rtol=1e-6)
+    capped = rb.capped_weights([100, 120, 90, 1_000_000], cap=4.0)
+    assert capped[-1] == 4.0 * 110.0 and list(capped[:3]) == [100, 120, 90]
+    with pytest.raises(ValueError):
+        rb.capped_weights([1.0, float("nan")], cap=4.0)

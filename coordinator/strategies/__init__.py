@@ -18,6 +18,8 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedyogi": lambda **kw: FedAdam(yogi=True, **kw),
     "median": Median,
     "trimmed_mean": TrimmedMean,
+    "weighted_median": lambda **kw: Median(weighted=True, **kw),
+    "weighted_trimmed_mean": lambda **kw: TrimmedMean(weighted=True, **kw),
     "krum": Krum,
     "multikrum": MultiKrum,
     "normbound": NormBound,

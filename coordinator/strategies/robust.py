@@ -49,22 +49,39 @@ class _RobustStrategy(Strategy):
 
 
 class Median(_RobustStrategy):
+    """Coordinate-wise median; ``weighted=True``: weighted by sample counts capped at ``count_cap``
+    times the round's median count."""
+
     name = "median"
 
+    def __init__(self, weighted: bool = False, count_cap: float = 4.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.weighted, self.count_cap = weighted, count_cap
+
     def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
-        return robust.coordinate_median(ds), {}
+        if not self.weighted:
+            return robust.coordinate_median(ds), {}
+        w = robust.capped_weights([r.sample_count for r in results], self.count_cap)
+        return robust.weighted_median(ds, w), {"weights": [float(x) for x in w]}
 
 
 class TrimmedMean(_RobustStrategy):
+    """Coordinate-wise trimmed mean; ``weighted=True`` trims ``beta`` of the weight mass per side,
+    weights being sample counts capped at ``count_cap`` times the round's median count."""
+
     name = "trimmed_mean"
 
-    def __init__(self, beta: float = 0.2, **kw: Any) -> None:
+    def __init__(self, beta: float = 0.2, weighted: bool = False, count_cap: float = 4.0, **kw: Any) -> None:
         super().__init__(**kw)
         if not 0.0 <= beta < 0.5:
             raise ValueError("trimmed mean beta must be in [0, 0.5)")
-        self.beta = beta
+        self.beta, self.weighted, self.count_cap = beta, weighted, count_cap
 
     def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
+        if self.weighted:
+            w = robust.capped_weights([r.sample_count for r in results], self.count_cap)
+            return robust.weighted_trimmed_mean(ds, w, self.beta), {"weights": [float(x) for x in w],
+                                                                    "trimmed_weight_per_side": self.beta}
         k = int(np.floor(self.beta * len(ds)))
         return robust.trimmed_mean(ds, self.beta), {"trimmed_per_side": k}
 
