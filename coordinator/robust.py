@@ -81,6 +81,18 @@ def capped_weights(counts: Sequence[float], cap: float) -> np.ndarray:
     return np.minimum(w, cap * float(np.median(w)))
 
 
+def _sorted_with_weight_shares(
+    updates: Sequence[Delta], weights: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each coordinate's values sorted (rows), with the weight share of the client each came from."""
+    x = flatten(updates)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum, one per update")
+    order = np.argsort(x, axis=0, kind="stable")
+    return np.take_along_axis(x, order, axis=0), (w / w.sum())[order]
+
+
 def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray, beta: float) -> Tensors:
     """Per coordinate, sort the values, give each value its share of the total weight, cut the
     ``beta`` share of weight mass from each end (a value straddling a cut keeps the part inside),
@@ -89,13 +101,7 @@ def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | n
     never move the result outside the range of the honest values."""
     if not 0.0 <= beta < 0.5:
         raise ValueError("trimmed mean beta must be in [0, 0.5)")
-    x = flatten(updates)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum, one per update")
-    order = np.argsort(x, axis=0, kind="stable")
-    xs = np.take_along_axis(x, order, axis=0)
-    ws = (w / w.sum())[order]
+    xs, ws = _sorted_with_weight_shares(updates, weights)
     hi = np.cumsum(ws, axis=0)
     kept = np.clip(np.minimum(hi, 1.0 - beta) - np.maximum(hi - ws, beta), 0.0, None)
     return unflatten((kept * xs).sum(axis=0) / kept.sum(axis=0), updates[0])
@@ -104,17 +110,12 @@ def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | n
 def weighted_median(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray) -> Tensors:
     """Per coordinate, the value at which the cumulative weight crosses one half (the mean of the
     two values when it lands exactly on a boundary)."""
-    x = flatten(updates)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum, one per update")
-    order = np.argsort(x, axis=0, kind="stable")
-    xs = np.take_along_axis(x, order, axis=0)
-    hi = np.cumsum((w / w.sum())[order], axis=0)
+    xs, ws = _sorted_with_weight_shares(updates, weights)
+    hi = np.cumsum(ws, axis=0)
     eps = 1e-12
     lower = np.argmax(hi >= 0.5 - eps, axis=0)  # first value whose cumulative weight reaches 1/2
     upper = np.argmax(hi > 0.5 + eps, axis=0)  # first value strictly past 1/2
-    cols = np.arange(x.shape[1])
+    cols = np.arange(xs.shape[1])
     return unflatten(0.5 * (xs[lower, cols] + xs[upper, cols]), updates[0])
 
 
