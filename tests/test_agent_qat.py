@@ -8,30 +8,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from agent_helpers import tiny_v0
 
 from edge_agent.agent import AgentSettings, EdgeAgent
 from learning.datasets import make_synthetic
-from learning.models import build_model
-from learning.state import get_tensors
 from protocol.frame import decode_update, read_header, specs_of
-from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry
 from protocol.messages import Task, TrainingConfig
 from protocol.profile import find_profile
-from protocol.tensors import tensor_hash
 from protocol.transport import MemoryBroker, MemoryTransport
 
 
 def _train_once(tmp_path: Path, qat: bool) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
     base_profile = find_profile("xray-cxr-28")
     profile = base_profile.model_copy(update={"training": base_profile.training.model_copy(update={"qat": qat})})
-    kwargs = {"in_channels": 1, "num_classes": 2, "width": 8, "norm": "group"}
-    torch.manual_seed(0)
-    weights = get_tensors(build_model("small_cnn", **kwargs))
-    manifest = Manifest(version="v0", architecture=Architecture(name="small_cnn", kwargs=kwargs),
-                        classes=["normal", "pneumonia"], input=InputSpec(channels=1, height=28, width=28),
-                        tensors=[TensorEntry(name=k, shape=v.shape) for k, v in weights.items()],
-                        tensor_hash=tensor_hash(weights))
+    manifest, weights = tiny_v0()
     broker = MemoryBroker()
     t = MemoryTransport(broker, "a1")
     t.connect()

@@ -5,18 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
+from agent_helpers import tiny_v0
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import AgentMetrics
 from learning.datasets import make_synthetic
-from learning.models import build_model
-from learning.state import get_tensors
-from protocol.manifest import Architecture, InputSpec, Manifest, TensorEntry
 from protocol.messages import Task, TrainingConfig
 from protocol.profile import find_profile
-from protocol.tensors import tensor_hash
 from protocol.transport import MemoryBroker, MemoryTransport
 
 
@@ -26,13 +22,7 @@ def _samples(metrics: AgentMetrics) -> dict[str, float]:
 
 
 def test_training_progress_reaches_the_agent_metrics(tmp_path: Path) -> None:
-    kwargs = {"in_channels": 1, "num_classes": 2, "width": 8, "norm": "group"}
-    torch.manual_seed(0)
-    weights = get_tensors(build_model("small_cnn", **kwargs))
-    manifest = Manifest(version="v0", architecture=Architecture(name="small_cnn", kwargs=kwargs),
-                        classes=["normal", "pneumonia"], input=InputSpec(channels=1, height=28, width=28),
-                        tensors=[TensorEntry(name=k, shape=v.shape) for k, v in weights.items()],
-                        tensor_hash=tensor_hash(weights))
+    manifest, weights = tiny_v0()
     t = MemoryTransport(MemoryBroker(), "a1")
     t.connect()
     agent = EdgeAgent(AgentSettings("a1", find_profile("xray-cxr-28"), tmp_path, threads=1), t, make_synthetic(64, seed=1))
