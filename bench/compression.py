@@ -12,7 +12,10 @@ starts, not what it costs: top-k with error feedback sends its backlog over the 
 Reading the codec names: ``topk:F|ef|q:4`` feeds back only what top-k dropped and quantizes the
 kept values stochastically; ``topk:F|q:1|ef`` sends the sign of each kept value with one mean
 magnitude per tensor (ternary, as in Sattler et al.'s sparse ternary compression) and feeds back
-the whole error. The last row is the verdict: the largest ratio whose mean accuracy is within
+the whole error. (The committed results also hold ``raw|zstd``, 1.08x, and
+``delta|topk:0.03|ef|q:4|zstd``, 71.6x at -1.3 points, from the same run; they were dropped from
+the default list afterwards to keep ``make bench`` under an hour: pass ``--codecs`` to add them.)
+The last row is the verdict: the largest ratio whose mean accuracy is within
 1 point of raw, and whether it reaches 50x.
 """
 
@@ -40,13 +43,11 @@ from protocol.profile import find_profile
 
 CODECS = [
     "raw",
-    "raw|zstd",
     "delta|q:8|zstd",
     "delta|q:4|zstd",
     "delta|q:2|zstd",
     "delta|topk:0.05|ef|q:4|zstd",
     "delta|topk:0.05|ef|q:2|zstd",
-    "delta|topk:0.03|ef|q:4|zstd",
     "delta|topk:0.03|ef|q:2|zstd",
     "delta|topk:0.02|q:1|ef|zstd",
 ]
