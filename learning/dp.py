@@ -16,21 +16,34 @@ observer can predict protects nothing, so production runs pass ``seed=None``.
 
 Caveat: opacus clips per-sample gradients of the model's loss; a FedProx proximal term added to
 the loss outside the model is not per-sample and is ignored by the DP optimizer.
+
+Losses: opacus takes the loss to be the *mean of independent per-sample terms* (it multiplies the
+batch gradient by the batch size to get per-sample gradients). Plain cross-entropy is;
+``F.cross_entropy(weight=w)`` is not (it divides by the batch's total weight, so one record's
+gradient depends on the other records' labels). For class weighting under DP use public weights (never weights computed from the site's own
+labels, which no accountant covers): ``class_weighted_clipping`` applies them after clipping
+(they keep acting when every gradient is clipped); ``learning.trainer.weighted_cross_entropy``
+applies them in the loss, before clipping.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DPIncompatibleModel(ValueError):
@@ -145,3 +158,54 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
         warnings.filterwarnings("ignore", message=".*Optimal order.*")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps, accountant="rdp"))
+
+
+def class_weighted_clipping(pt: PrivateTraining, class_weights: Sequence[float] | np.ndarray) -> LossFn:
+    """Public per-class weights applied *after* per-sample clipping; returns the loss to train with.
+
+    Weighting the loss (``learning.trainer.weighted_cross_entropy``) scales sample i's gradient
+    before opacus clips it, and clipping then caps ``w[y_i]·‖g_i‖`` at C: once gradients are
+    larger than C — the usual DP-SGD regime (per-sample norms of the demo CNN start at 4–8) —
+    every record contributes exactly C whatever its weight, and the weights do nothing. Here the
+    returned loss is plain (unweighted) mean cross-entropy that also records the batch's labels;
+    at ``optimizer.step()`` each per-sample gradient is replaced by ``v[y_i]·clip_C(g_i)`` with
+    ``v = w / max(w)`` before opacus' own clipping (a no-op then, all norms are ≤ C) and noise.
+    Every record still moves the sum by at most C (``v ≤ 1``), so the noise ``z·C`` and the
+    accounting are unchanged. ``class_weights`` must be public constants (not derived from this
+    site's records): a record's weight depends on its own label only.
+
+    Overall scale: the step is ``mean_i v[y_i]·clip(g_i)`` — the majority class counts ``1/max(w)``
+    of the minority's, so the learning rate absorbs the ``1/max(w)`` factor."""
+    w = np.asarray(class_weights, dtype=np.float64)
+    if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
+        raise ValueError(f"class weights must be a 1-d array of finite positive numbers, got {class_weights!r}")
+    v = torch.as_tensor(w / w.max(), dtype=torch.float32)
+    optimizer = pt.optimizer
+    clip = float(optimizer.max_grad_norm)
+    labels: list[torch.Tensor] = []
+    opacus_clip = optimizer.clip_and_accumulate
+
+    def clip_weighted_then_accumulate() -> None:
+        if not labels:
+            raise RuntimeError("class_weighted_clipping: step() without a forward pass through its loss")
+        y = labels.pop()
+        labels.clear()
+        params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
+        if params and len(y):
+            samples = [optimizer._get_flat_grad_sample(p) for p in params]
+            if any(len(g) != len(y) for g in samples):
+                raise RuntimeError("class_weighted_clipping: per-sample gradients do not match the batch's labels "
+                                   "(gradient accumulation over several batches is not supported)")
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0) * v.to(norms.device)[y.to(norms.device)]
+            for p, g in zip(params, samples, strict=True):
+                p.grad_sample = g * factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+        opacus_clip()
+
+    optimizer.clip_and_accumulate = clip_weighted_then_accumulate  # type: ignore[method-assign]
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        labels.append(y.detach())
+        return F.cross_entropy(logits, y)
+
+    return loss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -141,3 +142,84 @@ def test_noise_multiplier_for_target_epsilon() -> None:
     acc.compose(z, 0.1, 100)
     assert acc.epsilon(DELTA) == pytest.approx(4.0, rel=0.05)
     assert noise_multiplier_for(2.0, DELTA, 0.1, 100) > z
+
+
+def test_public_class_weights_reach_opacus_per_sample_gradients() -> None:
+    """``weighted_cross_entropy`` under DP-SGD: sample i's per-sample gradient is exactly
+    ``w[y_i]`` times its unweighted one (nothing depends on the other records of the batch), and
+    the step (no noise, no clipping) is their batch mean. ``F.cross_entropy(weight=)`` — the
+    demo's class-balanced loss — fails this: it rescales every record by ``B / Σ_j w[y_j]``."""
+    from learning.trainer import weighted_cross_entropy
+
+    data = _data(32, seed=3)
+    x, y = data.tensors
+    assert 0 < int(y.sum()) < len(y)  # both classes in the batch
+    w = torch.tensor([3.0, 0.5])
+
+    def per_sample(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        model = _model(4)
+        pt = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(data, batch_size=32),
+                          noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+        pt.optimizer.zero_grad()
+        loss_fn(pt.model(x), y).backward()
+        params = [p for p in pt.model.parameters() if p.requires_grad]
+        gs = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+        pt.optimizer.step()
+        step = torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
+        return gs, step
+
+    plain, _ = per_sample(F.cross_entropy)
+    weighted, step = per_sample(weighted_cross_entropy(w.numpy()))
+    expected = w[y].unsqueeze(1) * plain
+    assert torch.allclose(weighted, expected, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(step, expected.mean(0), rtol=1e-4, atol=1e-7)
+    coupled, _ = per_sample(lambda out, t: F.cross_entropy(out, t, weight=w))
+    scale = len(y) / float(w[y].sum())
+    assert abs(scale - 1) > 0.1
+    assert torch.allclose(coupled, scale * expected, rtol=1e-4, atol=1e-7)  # every record rescaled by the batch
+
+
+def test_weighted_cross_entropy_refuses_bad_weights() -> None:
+    from learning.trainer import weighted_cross_entropy
+
+    for bad in ([1.0, 0.0], [1.0, float("nan")], [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="class weights"):
+            weighted_cross_entropy(np.asarray(bad))
+
+
+@pytest.mark.parametrize("clip", [1e-2, 1e6])
+def test_class_weighted_clipping_weights_after_clipping(clip: float) -> None:
+    """``class_weighted_clipping``: the step is ``mean_i v[y_i]·clip_C(g_i)`` with ``v = w / max w``,
+    so each record still moves the sum by at most C and the weights act even when every per-sample
+    gradient is clipped (where a weighted loss would give every record exactly C)."""
+    from learning.dp import class_weighted_clipping
+
+    data = _data(32, seed=3)
+    x, y = data.tensors
+    w = np.array([3.0, 1.5])
+    v = torch.tensor(w / w.max(), dtype=torch.float32)
+
+    def run(weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = _model(4)
+        pt = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(data, batch_size=32),
+                          noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
+        loss_fn = class_weighted_clipping(pt, w) if weighted else F.cross_entropy
+        params = [p for p in pt.model.parameters() if p.requires_grad]
+        pt.optimizer.zero_grad()
+        loss_fn(pt.model(x), y).backward()
+        gs = torch.cat([p.grad_sample.reshape(len(y), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+        pt.optimizer.step()
+        return gs, torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
+
+    raw, _ = run(weighted=False)
+    _, step = run(weighted=True)
+    norms = raw.norm(dim=1, keepdim=True)
+    expected = (v[y].unsqueeze(1) * raw * (clip / (norms + 1e-6)).clamp(max=1.0)).mean(0)
+    assert torch.allclose(step, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    if clip < 1:  # all clipped: the minority class (weight 1) pulls twice as hard as the other (0.5)
+        assert bool((norms > clip).all())
+    with pytest.raises(ValueError, match="class weights"):
+        model = _model(4)
+        class_weighted_clipping(make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                             DataLoader(data, batch_size=32), noise_multiplier=0.0,
+                                             max_grad_norm=1.0), [1.0, -1.0])
