@@ -571,12 +571,7 @@ class Coordinator:
             self._model_frames[key] = frame
             while len(self._model_frames) > 16:
                 self._model_frames.popitem(last=False)
-        transfer = f"model-{req.version}-from-{have or 'none'}"
-        chunks = split(frame, transfer, self.settings.chunk_bytes)
-        wanted = set(req.missing) if req.missing is not None and req.transfer_id == transfer else None
-        for i, c in enumerate(chunks):
-            if wanted is None or i in wanted:
-                self.transport.publish(self.topics.downloads(agent), c)
+        self._send_download(agent, req, frame, f"model-{req.version}-from-{have or 'none'}")
 
     def _send_artifact(self, agent: str, req: ModelRequest) -> None:
         assert req.artifact is not None
@@ -585,7 +580,11 @@ class Coordinator:
         except (KeyError, OSError, ValueError) as exc:
             self._reject("model_request", agent, None, UnknownTopic(str(exc), reason="unknown_artifact"))
             return
-        transfer = f"artifact-{req.version}-{req.artifact}"
+        self._send_download(agent, req, data, f"artifact-{req.version}-{req.artifact}")
+
+    def _send_download(self, agent: str, req: ModelRequest, data: bytes, transfer: str) -> None:
+        """Chunks of ``data`` on the agent's download topic: all of them, or only those the request
+        names as missing when it is about this very transfer."""
         wanted = set(req.missing) if req.missing is not None and req.transfer_id == transfer else None
         for i, c in enumerate(split(data, transfer, self.settings.chunk_bytes)):
             if wanted is None or i in wanted:
