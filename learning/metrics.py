@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from learning.calibration import nll, softmax
 from learning.datasets import DEFAULT_NORMALIZE, ArrayDataset, Normalize
 
 
@@ -65,10 +66,8 @@ def metrics_from_logits(
     y = np.asarray(y_true, dtype=np.int64)
     if z.ndim != 2 or z.shape[0] != y.shape[0] or y.size == 0:
         raise ValueError(f"need (N, C) logits with N={y.shape[0]} > 0, got {z.shape}")
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    out = classification_metrics(y, np.exp(log_p), classes)
-    out["loss"] = float(-log_p[np.arange(y.size), y].mean())
+    out = classification_metrics(y, softmax(z), classes)
+    out["loss"] = nll(z, y)
     return out
 
 
