@@ -86,11 +86,17 @@ def _sorted_with_weight_shares(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each coordinate's values sorted (rows), with the weight share of the client each came from."""
     x = flatten(updates)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum, one per update")
+    shares = weight_shares(weights, x.shape[0])
     order = np.argsort(x, axis=0, kind="stable")
-    return np.take_along_axis(x, order, axis=0), (w / w.sum())[order]
+    return np.take_along_axis(x, order, axis=0), shares[order]
+
+
+def weight_shares(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+    """``weights`` normalized to sum 1; refuses a count other than ``n``, negatives and an all-zero set."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum, one per update")
+    return w / w.sum()
 
 
 def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray, beta: float) -> Tensors:
@@ -187,10 +193,7 @@ def norm_bound(updates: Sequence[Delta], max_norm: float) -> tuple[list[Tensors]
 def mean(updates: Sequence[Delta], weights: Sequence[float] | None = None) -> Tensors:
     """(Weighted) mean of deltas in float64; equal weights when ``weights`` is None."""
     x = flatten(updates)
-    w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (x.shape[0],) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum, one per update")
-    return unflatten((w / w.sum()) @ x, updates[0])
+    return unflatten(weight_shares(np.ones(x.shape[0]) if weights is None else weights, x.shape[0]) @ x, updates[0])
 
 
 @dataclass(frozen=True)
