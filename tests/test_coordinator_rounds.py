@@ -113,6 +113,8 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_goes_on(h: Harness) 
     h.send("a2", 1, _frame("a2", good), "g2")
     h.wait(lambda: (r := h.store.get_round(1)) is not None and r.status == "complete")
     assert sorted(u.agent_id for u in h.store.list_updates(1)) == ["a1", "a2"]
+    phases = (h.store.get_round(1).detail or {})["phases_ms"]  # type: ignore[union-attr]
+    assert set(phases) == {"aggregate", "evaluate", "manifest", "save"} and all(v >= 0 for v in phases.values())
 
 
 def test_duplicate_update_is_acknowledged_once_and_counted_once(h: Harness) -> None:
