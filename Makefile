@@ -43,9 +43,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy protocol learning coordinator edge_agent export fedscan bench
 
+# The quick benchmarks run first and pytest last, so that the run ends with pytest's summary.
 test: install system-deps lint
-	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory bench-quick
+	$(PY) -m pytest -q -rs tests
 
 bench-quick: install
 	@for b in $(BENCHES); do \
