@@ -98,6 +98,7 @@ def coordinator(
 ) -> None:
     """Run federated rounds until ROUNDS are complete (resumes after a restart), then keep serving
     models and fleet state until stopped."""
+    from coordinator.strategies import local_work_warning
     from fedscan.compose import CoordinatorConfig, run_coordinator
     from protocol.messages import TrainingConfig
 
@@ -108,11 +109,13 @@ def coordinator(
     if mode not in ("sync", "async") or max_staleness < 0:
         typer.echo(f"error: --mode must be sync or async (not {mode!r}) and --max-staleness >= 0", err=True)
         raise typer.Exit(EXIT_CONFIG)
+    training = TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
+                              max_steps=max_steps, loss=loss)  # type: ignore[arg-type]
+    if (advice := local_work_warning(strategy, training)) is not None:
+        typer.echo(f"warning: {advice}", err=True)
     cfg = CoordinatorConfig(
         state_dir=state, broker=broker, profile=_profile(profile), val_data=val_data, rounds=rounds,
-        min_clients=min_clients, deadline_s=deadline, strategy=strategy, rollout=rollout,
-        training=TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
-                                max_steps=max_steps, loss=loss),  # type: ignore[arg-type]
+        min_clients=min_clients, deadline_s=deadline, strategy=strategy, rollout=rollout, training=training,
         codec=codec, seed=seed, fleet=fleet, store_url=store_url, threads=threads, mode=mode, max_staleness=max_staleness,
         exit_when_done=exit_when_done, http_port=http_port, export=export, tls=_tls(tls_ca, tls_cert, tls_key),
     )

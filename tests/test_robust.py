@@ -197,3 +197,18 @@ def test_weighted_median_matches_the_plain_median_for_equal_weights_and_caps_lie
     assert capped[-1] == 4.0 * 110.0 and list(capped[:3]) == [100, 120, 90]
     with pytest.raises(ValueError):
         rb.capped_weights([1.0, float("nan")], cap=4.0)
+
+
+def test_one_vote_strategies_without_a_step_budget_get_a_warning() -> None:
+    from coordinator.strategies import ONE_VOTE_STRATEGIES, STRATEGIES, local_work_warning
+    from protocol.messages import TrainingConfig
+
+    epochs = TrainingConfig(local_epochs=1)
+    budget = TrainingConfig(local_epochs=100, max_steps=60)
+    assert ONE_VOTE_STRATEGIES <= set(STRATEGIES)
+    for name in ONE_VOTE_STRATEGIES:
+        advice = local_work_warning(name, epochs)
+        assert advice is not None and "--max-steps" in advice and name in advice
+        assert local_work_warning(name, budget) is None
+    for name in ("fedavg", "weighted_median", "normbound"):  # weight by data or bound norms: no advice
+        assert local_work_warning(name, epochs) is None

@@ -9,6 +9,7 @@ from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
 from coordinator.strategies.central_dp import build_central_dp
 from coordinator.strategies.fedavg import FedAdam, FedAvg, FedAvgM, FedProx
 from coordinator.strategies.robust import Krum, Median, MultiKrum, NormBound, TrimmedMean
+from protocol.messages import TrainingConfig
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": FedAvg,
@@ -27,6 +28,23 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 }
 
 
+ONE_VOTE_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum"})
+"""Robust rules that give every update one vote and compare raw deltas (``coordinator.robust``)."""
+
+
+def local_work_warning(strategy: str, training: TrainingConfig) -> str | None:
+    """Why a one-vote robust strategy without a per-round step budget will under-train, or None.
+
+    With local *epochs*, a site with 30× the images takes 30× the steps and sends a ~30× larger
+    delta, and a median or Krum follows the small movers (``bench/robustness.py``: 10–15 points
+    below FedAvg with no attacker; with the same step budget everywhere they match it)."""
+    if strategy not in ONE_VOTE_STRATEGIES or training.max_steps is not None:
+        return None
+    return (f"strategy {strategy} compares raw updates, but local work is {training.local_epochs} epoch(s), so "
+            "sites of different sizes send updates of very different sizes and the large sites are out-voted; "
+            "give every site the same step budget, e.g. --max-steps 60 --local-epochs 100")
+
+
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
     try:
         return STRATEGIES[name](**kwargs)
@@ -34,4 +52,5 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}") from None
 
 
-__all__ = ["STRATEGIES", "AggregateReport", "ClientResult", "Strategy", "build_strategy"]
+__all__ = ["ONE_VOTE_STRATEGIES", "STRATEGIES", "AggregateReport", "ClientResult", "Strategy", "build_strategy",
+           "local_work_warning"]
