@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,12 +19,29 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+_IMPORTED = time.time()
+
+
+def _process_start() -> float:
+    """When this process started (Linux: /proc/self/stat field 22, in clock ticks since boot)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
 def write_rows(name: str, rows: list[dict[str, Any]], *, quick: bool, meta: dict[str, Any] | None = None) -> Path:
     """Write ``{"rows": [...]}``; a --quick run writes NAME.quick.json so it never overwrites real figures."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
     payload = {"rows": rows, "meta": {"machine": platform.machine(), "python": platform.python_version(),
-                                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})}}
+                                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                      # the whole bench process so far: what it costs `make bench`
+                                      "process_wall_seconds": round(time.time() - _process_start(), 1),
+                                      **(meta or {})}}
     path.write_text(json.dumps(payload, indent=2))
     return path
 
