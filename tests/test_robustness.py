@@ -1,12 +1,12 @@
 """Byzantine robustness at small size (issue 9): one of 5 agents (Dirichlet α = 0.5) sends its
-update scaled by −10; FedAvg falls by more than 10 points, median / trimmed mean / Krum stay within
-2 points of clean FedAvg (Krum does not, at this size: see the test). Plus: the attacks are what
-they say.
+update scaled by −10, or Gaussian noise of 10× its update's norm; FedAvg falls by more than 10
+points, median / trimmed mean / Krum / multi-Krum stay within 2 points of clean FedAvg. Plus: the
+attacks are what they say.
 
-The federation runs on 1500 real training images (width-8 small CNN, 2 rounds at the demo lr), from a
-model warmed up centrally on 1000 other images, so that the attack hits a model worth protecting; the
-real-data figures (PneumoniaMNIST, full size, several seeds) are ``bench/robustness.py``'s. The
-accuracy used is the mean over the last 2 rounds.
+The federation runs on 1500 real training images (width-8 small CNN, 2 rounds at the demo lr, 20
+local steps per agent per round as in the bench's equal-steps regime), from a model warmed up
+centrally on 1000 other images, so that the attack hits a model worth protecting; the full-size
+figures are ``bench/robustness.py``'s. The accuracy used is the mean over the last 2 rounds.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from coordinator.rounds import ModelSpec
 from fedscan import experiments
-from fedscan.attacks import NoiseAttack, ScaleAttack, delta_norm
+from fedscan.attacks import AttackFn, NoiseAttack, ScaleAttack, delta_norm
 from fedscan.compose import model_spec_for
 from learning.datasets import ArrayDataset, load_demo_splits
 from learning.partition import dirichlet_label_skew
@@ -75,8 +75,13 @@ def _acc(res: experiments.ArmResult, last: int = 2) -> float:
     return float(np.mean([m["accuracy"] for m in res.per_round[-last:]]))
 
 
-def test_robust_aggregators_hold_against_a_scaled_attacker_and_fedavg_does_not(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+ROBUST = ("median", "trimmed_mean", "krum", "multikrum")
+
+
+@pytest.fixture(scope="module")
+def attacked_runs() -> dict[str, Any]:
+    """Clean FedAvg, then every aggregator under each attack; every agent takes the same number of
+    local steps per round (the bench's equal-steps regime)."""
     splits = load_demo_splits()
     perm = np.random.default_rng(0).permutation(len(splits["train"]))
     warm, train = splits["train"].subset(np.sort(perm[:1000])), splits["train"].subset(np.sort(perm[1000:2500]))
@@ -87,29 +92,41 @@ def test_robust_aggregators_hold_against_a_scaled_attacker_and_fedavg_does_not(
     # 1000 other images for 3 epochs): from a random start every aggregator spends its first rounds
     # predicting one class, which would hide what the attack does
     pretrained = _warm_start(spec, warm, cfg)
-    start = experiments.split_metrics(spec, pretrained, test)["accuracy"]
-    monkeypatch.setattr(experiments, "initial", lambda _spec, _seed: {k: v.copy() for k, v in pretrained.items()})
     parts = dirichlet_label_skew(train.labels, 5, 0.5, seed=0)
     sizes = [len(p) for p in parts]
     attacker = f"site-{int(np.argsort(sizes, kind='stable')[2]) + 1}"  # the median-sized site, as the bench
-    kw: dict[str, Any] = {"rounds": 2, "training": cfg.model_copy(update={"lr": 0.003}), "seed": 0, "threads": 1}
-    clean_run = experiments.federated(spec, train, parts, test, strategy="fedavg", **kw)
-    clean = _acc(clean_run)
-    attack = ScaleAttack(attacker, -10.0)
-    runs = {s: experiments.federated(spec, train, parts, test, strategy=s, attack=attack, **kw)
-            for s in ("fedavg", "median", "trimmed_mean", "krum")}
-    attacked = {s: _acc(r) for s, r in runs.items()}
-    print(f"\nstart {start:.3f}; sizes {sizes}, attacker {attacker}: clean FedAvg "
-          f"{[round(m['accuracy'], 3) for m in clean_run.per_round]}, attacked "
-          f"{ {s: [round(m['accuracy'], 3) for m in r.per_round] for s, r in runs.items()} }")
-    assert clean > 0.7  # the clean federation is a useful model, so the comparisons below mean something
-    assert attacked["fedavg"] < clean - 0.10
-    for s in ("median", "trimmed_mean"):
-        assert attacked[s] >= clean - 0.02, (s, attacked[s], clean)
-    # Krum resists the attack (far above attacked FedAvg) but does NOT meet the 2-point target here:
-    # it keeps one agent's update per round, and under α = 0.5 one site's update costs several
-    # points (measured: 3.4 below clean FedAvg). Asserted as measured, not as the issue's target.
-    assert attacked["krum"] > attacked["fedavg"] + 0.05
+    steps = cfg.model_copy(update={"lr": 0.003, "local_epochs": 100, "max_steps": 20})
+    kw: dict[str, Any] = {"rounds": 2, "training": steps, "seed": 0, "threads": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experiments, "initial", lambda _spec, _seed: {k: v.copy() for k, v in pretrained.items()})
+        clean = experiments.federated(spec, train, parts, test, strategy="fedavg", **kw)
+        attacks: dict[str, AttackFn] = {"scale-10": ScaleAttack(attacker, -10.0),
+                                        "noise10x": NoiseAttack(attacker, 10.0, seed=0)}
+        runs = {(s, a): experiments.federated(spec, train, parts, test, strategy=s, attack=fn, **kw)
+                for a, fn in attacks.items() for s in ("fedavg", *ROBUST)}
+    print(f"\nsizes {sizes}, attacker {attacker}: clean FedAvg {[round(m['accuracy'], 3) for m in clean.per_round]}")
+    for k, r in runs.items():
+        print(k, [round(m["accuracy"], 3) for m in r.per_round])
+    return {"start": experiments.split_metrics(spec, pretrained, test)["accuracy"], "clean": _acc(clean),
+            "attacked": {k: _acc(r) for k, r in runs.items()}}
+
+
+def test_fedavg_falls_more_than_ten_points_under_the_scaling_attack(attacked_runs: dict[str, Any]) -> None:
+    clean = attacked_runs["clean"]
+    assert clean > 0.7  # the clean federation is a useful model, so the comparisons mean something
+    assert attacked_runs["attacked"][("fedavg", "scale-10")] < clean - 0.10
+    # Not asserted here: FedAvg's fall under the noise attack. Noise kicks the model in a random
+    # direction each round and training pulls it back; over these 2 rounds FedAvg loses ~1.5 points
+    # (4 rounds: clean FedAvg itself moves by 9 points at this size, too noisy to compare). The
+    # bench's 10 full-size rounds show the fall (bench/results/robustness.json).
+
+
+@pytest.mark.parametrize("attack", ["scale-10", "noise10x"])
+@pytest.mark.parametrize("strategy", ROBUST)
+def test_robust_aggregators_stay_within_two_points_of_clean_fedavg(
+        attacked_runs: dict[str, Any], strategy: str, attack: str) -> None:
+    acc, clean = attacked_runs["attacked"][(strategy, attack)], attacked_runs["clean"]
+    assert acc >= clean - 0.02, (strategy, attack, acc, clean)
 
 
 def _warm_start(spec: ModelSpec, data: ArrayDataset, cfg: TrainingConfig) -> Tensors:
