@@ -21,6 +21,7 @@ This module depends on nothing else in ``coordinator`` so an edge agent can impo
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,17 @@ import numpy as np
 
 if TYPE_CHECKING:
     from dp_accounting import dp_event
+
+class _DropNonConvergence(logging.Filter):
+    """dp-accounting logs a WARNING for every RDP order whose series does not converge, every time
+    ε is computed (each round, on every DP agent). It then leaves that order out, which keeps ε an
+    upper bound: nothing to act on, so those lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropNonConvergence())
 
 DEFAULT_ORDERS: tuple[float, ...] = (
     1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56,

@@ -88,6 +88,13 @@ def round_training(base: TrainingConfig, strategy: Strategy, seed: int, round_id
     return TrainingConfig.model_validate({**base.model_dump(), **update})
 
 
+def client_privacy(results: list[ClientResult]) -> dict[str, dict[str, float]]:
+    """What each DP-SGD agent reported with its update: ε spent so far (all its updates), δ, its
+    budget, noise multiplier (``edge_agent.private_training``); agents without DP are left out."""
+    return {r.agent_id: {k.removeprefix("dp_"): float(v) for k, v in r.metrics.items() if k.startswith("dp_")}
+            for r in results if "dp_epsilon" in r.metrics}
+
+
 def version_name(round_id: int) -> str:
     return f"v{round_id}"
 
@@ -368,7 +375,8 @@ class Coordinator:
         self.store.set_round_status(round_id, "complete", result_version=version,
                                     detail={"metrics": manifest.metrics, "aggregation": _jsonable(report.details),
                                             "traffic": {"rx_bytes": traffic.rx_bytes, "tx_bytes": traffic.tx_bytes},
-                                            "phases_ms": clock.phases_ms})
+                                            "phases_ms": clock.phases_ms,
+                                            "client_privacy": client_privacy(results)})
         self._publish_model(version)
         log.info("round %d complete: %s from %s, %s", round_id, version, participants,
                  {k: round(v, 4) for k, v in manifest.metrics.items()})

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from coordinator.privacy import BudgetExhausted
 from edge_agent.installer import ModelInstaller, build_from_manifest
+from edge_agent.private_training import PrivacyStateError, PrivateTrainer
 from edge_agent.validation import validation_detail
 from learning.datasets import ArrayDataset
 from learning.qat import maybe_prepare_qat
@@ -94,6 +96,7 @@ class EdgeAgent:
         self.dataset_provider: Callable[[], TrainData | None] | None = None
         self.engine_report: dict[str, object] = {}
         self.training_observer: TrainingObserver | None = None  # e.g. the agent's /metrics
+        self._private: PrivateTrainer | None = None  # DP-SGD runs and budget, when the profile asks for them
 
     # -- wiring ---------------------------------------------------------------------------------
     def status_payload(self, state: str) -> bytes:
@@ -336,7 +339,14 @@ class EdgeAgent:
                 if data is None or len(data) == 0:
                     log.info("agent %s: no local data, skipping round %d", self.s.agent_id, task.round_id)
                     return
-                frame = self._train(task, data)
+                try:
+                    frame = self._train(task, data)
+                except (BudgetExhausted, PrivacyStateError) as exc:
+                    log.warning("agent %s: round %d refused: %s", self.s.agent_id, task.round_id, exc)
+                    self._event("training_refused", {"round_id": task.round_id, "reason": "privacy_budget",
+                                                     "detail": str(exc)})
+                    self._done_rounds.add(task.round_id)  # a re-announced task would be refused again
+                    return
                 tmp = outbox.with_suffix(".tmp")
                 tmp.write_bytes(frame)
                 tmp.replace(outbox)
@@ -358,10 +368,18 @@ class EdgeAgent:
         if watch is not None:
             watch.training_started(task.round_id, 0)  # the trainer reports the planned steps with its first step
         state = "failed"
+        progress = watch.on_train_progress if watch is not None else None
+        private = self._private_trainer()
+        dp_metrics: dict[str, float] = {}
         try:
-            result = train_local(model, data, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,
-                                 checkpoint_path=self.s.state_dir / f"train-round-{task.round_id}.ckpt",
-                                 progress=watch.on_train_progress if watch is not None else None)
+            if private is not None:  # DP-SGD: refuses (BudgetExhausted) before training when ε would pass the budget
+                result, dp = private.train(model, data, cfg, threads=self.s.threads, pause=self.pause,
+                                           progress=progress, what=f"round {task.round_id}")
+                dp_metrics = dp.as_metrics()
+            else:
+                result = train_local(model, data, cfg, global_tensors=base, threads=self.s.threads, pause=self.pause,
+                                     checkpoint_path=self.s.state_dir / f"train-round-{task.round_id}.ckpt",
+                                     progress=progress)
             state = "done"
         except TrainingCancelled:
             state = "idle"  # stopped by the agent shutting down
@@ -378,13 +396,23 @@ class EdgeAgent:
         frame = encode_update(
             get_tensors(model), agent_id=self.s.agent_id, round_id=task.round_id, base_version=task.base_version,
             sample_count=len(data), codec=task.codec, base=base,
-            metrics={"train_loss": result.loss, "steps": float(result.steps), "seconds": result.seconds},
+            metrics={"train_loss": result.loss, "steps": float(result.steps), "seconds": result.seconds, **dp_metrics},
             state=ef, seed=cfg.seed,
             update_id=f"{self.s.agent_id}-r{task.round_id}-{hashlib.sha256(str(cfg.seed).encode()).hexdigest()[:8]}",
         )
         if ef is not None:
             ef.save(ef_path)
         return frame
+
+    def _private_trainer(self) -> PrivateTrainer | None:
+        """The DP-SGD trainer when the profile's ``privacy.dp_sgd`` is on (its budget file is read on
+        first use, so an unreadable one refuses training, not the agent's start)."""
+        section = self.s.profile.privacy
+        if section is None or not section.dp_sgd:
+            return None
+        if self._private is None:
+            self._private = PrivateTrainer(section, self.s.state_dir)
+        return self._private
 
     def _upload(self, task: Task, frame: bytes, stop: threading.Event) -> bool:
         """Send chunks with a window in flight; resend what the coordinator names until acknowledged."""

@@ -111,6 +111,7 @@ def make_private(
     poisson_sampling: bool = True,
     budget: BudgetGuard | None = None,
     planned_steps: int | None = None,
+    what: str = "DP-SGD training",
 ) -> PrivateTraining:
     """Wrap for DP-SGD. ``planned_steps`` (default: one epoch) is what ``budget`` is checked for.
 
@@ -127,7 +128,7 @@ def make_private(
     if budget is not None:
         budget.require(noise_multiplier=noise_multiplier, sampling_rate=sample_rate,
                        steps=planned_steps if planned_steps is not None else steps_per_epoch,
-                       what="DP-SGD training")
+                       what=what)
     if seed is not None:
         data_loader = DataLoader(
             data_loader.dataset, batch_size=data_loader.batch_size,
