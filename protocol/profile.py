@@ -184,6 +184,9 @@ class FirmwareProfile(_Section):
     def _check_norm(self) -> FirmwareProfile:
         if self.privacy is not None and self.privacy.dp_sgd and self.model.norm == "batch":
             raise ValueError("privacy.dp_sgd needs model.norm 'group' (DP-SGD refuses BatchNorm)")
+        if self.privacy is not None and self.privacy.dp_sgd and self.training.qat:
+            raise ValueError("privacy.dp_sgd and training.qat cannot be combined: opacus has no per-sample "
+                             "gradients for fake-quant layers (the export still quantizes to INT8 after training)")
         return self
 
 

@@ -210,3 +210,12 @@ def test_malformed_profiles_name_file_line_and_field(tmp_path: Path) -> None:
         load_profile(tmp_path / "missing.yaml")
     with pytest.raises(ProfileError, match="dp_sgd"):
         parse_profile(text.replace("  norm: group", "  norm: batch") + "privacy:\n  dp_sgd: true\n")
+
+
+def test_profile_refuses_dp_sgd_with_qat() -> None:
+    text = (profiles_dir() / "xray-cxr-28.yaml").read_text()
+    assert "qat" not in text
+    dp = text + "privacy:\n  dp_sgd: true\n"
+    assert parse_profile(dp).privacy is not None  # DP alone is fine
+    with pytest.raises(ProfileError, match="cannot be combined: opacus has no per-sample"):
+        parse_profile(dp.replace("training:\n", "training:\n  qat: true\n"))
