@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,37 @@ def _process_start() -> float:
         return _IMPORTED
 
 
+def _commit() -> str:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it, ``unknown`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def standard_meta(*, quick: bool) -> dict[str, Any]:
+    """What every results file names: commit, date, machine load, --quick, and what the bench process cost."""
+    return {"commit": _commit(), "quick": quick,
+            "load_avg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # the whole bench process so far: what it costs `make bench`
+            "process_wall_seconds": round(time.time() - _process_start(), 1)}
+
+
 def write_rows(name: str, rows: list[dict[str, Any]], *, quick: bool, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``{"rows": [...]}``; a --quick run writes NAME.quick.json so it never overwrites real figures."""
+    """Write ``{"rows": [...], "meta": {...}}``; a --quick run writes NAME.quick.json (never the real figures).
+
+    ``meta`` always names the commit, the date, the machine's load average and whether it was ``--quick``.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
-    payload = {"rows": rows, "meta": {"machine": platform.machine(), "python": platform.python_version(),
-                                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                      # the whole bench process so far: what it costs `make bench`
-                                      "process_wall_seconds": round(time.time() - _process_start(), 1),
-                                      **(meta or {})}}
+    payload = {"rows": rows, "meta": {**standard_meta(quick=quick), **(meta or {})}}
     path.write_text(json.dumps(payload, indent=2))
     return path
 

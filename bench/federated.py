@@ -24,10 +24,10 @@ from _common import parser, print_table, write_rows
 
 from fedscan import experiments
 from fedscan.compose import model_spec_for
+from firmware.profile import find_profile
 from learning.datasets import load_demo_splits
 from learning.partition import dirichlet_label_skew
 from protocol.messages import TrainingConfig
-from protocol.profile import find_profile
 
 MEDMNIST_RESNET18_28 = {"accuracy": 0.854, "auc": 0.944}
 

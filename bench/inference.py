@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import standard_meta  # noqa: E402
 from torch import nn  # noqa: E402
 
 from export.engines import EngineArtifacts, InferenceEngine, TorchEngine, make_engine  # noqa: E402
@@ -42,11 +43,11 @@ from export.int8 import quantize_int8  # noqa: E402
 from export.pipeline import FP32_NAME, INT8_NAME, export_model  # noqa: E402
 from export.tensorrt_build import tensorrt_status  # noqa: E402
 from export.verify import batched  # noqa: E402
+from firmware.profile import ExportTarget  # noqa: E402
 from learning.datasets import ArrayDataset, load_demo_splits  # noqa: E402
 from learning.models import build_model  # noqa: E402
 from learning.qat import freeze_observers, prepare_qat, to_float  # noqa: E402
 from protocol.manifest import InputSpec  # noqa: E402
-from protocol.profile import ExportTarget  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "inference.json"
 CACHE = ROOT / "out" / "bench-cache"
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in skipped:
         print(f"skipped {s['model']} {s['engine']}: {s['reason']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"quick": cfg.quick, "threads": cfg.threads, "real_data": real, "torch": torch.__version__,
+    meta = {**standard_meta(quick=cfg.quick), "threads": cfg.threads, "real_data": real, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "tensorrt": trt_reason, "tensorrt_available": trt_ok,
             "load_avg_1m_5m_15m_at_end": [round(v, 2) for v in os.getloadavg()], "seconds": round(time.perf_counter() - t0, 1)}

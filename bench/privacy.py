@@ -2,7 +2,7 @@
 
 Both arms at δ = 1e-5, ε ∈ {∞, 8, 4, 2}, seed 0. ε = ∞ is the same pipeline (same clipping,
 loss, sampling) with noise multiplier 0, so it isolates what the noise costs. Noise multipliers
-come from ``coordinator.privacy.noise_multiplier_for_epsilon`` (the accountant that then reports
+come from ``learning.privacy_accounting.noise_multiplier_for_epsilon`` (the accountant that then reports
 ε) and a ``PrivacyBudget`` guards every round: every row has ``epsilon_spent ≤ epsilon_target``.
 
 **Model: small CNN width 16 (14k parameters), not the profile's width 32 (56k).** DP noise of
@@ -110,19 +110,20 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, print_table, write_rows
 
-from coordinator.privacy import PrivacyBudget, noise_multiplier_for_epsilon
 from coordinator.rounds import ModelSpec, round_training
 from coordinator.strategies import ClientResult
 from coordinator.strategies.central_dp import CentralDP
 from coordinator.strategies.fedavg import FedAvg, FedAvgM
-from edge_agent.agent import agent_seed
 from fedscan import experiments
 from fedscan.compose import model_spec_for
+from firmware.profile import find_profile
 from learning.datasets import ArrayDataset, load_demo_splits
 from learning.dp import class_weighted_clipping, make_private
+from learning.local_update import site_seed
 from learning.metrics import metrics_from_logits, predict_logits
 from learning.models import build_model
 from learning.partition import dirichlet_label_skew, iid
+from learning.privacy_accounting import PrivacyBudget, noise_multiplier_for_epsilon
 from learning.state import get_tensors, set_tensors
 from learning.trainer import (
     LossFn,
@@ -134,7 +135,6 @@ from learning.trainer import (
 )
 from protocol.codec import Tensors
 from protocol.messages import TrainingConfig
-from protocol.profile import find_profile
 
 DELTA = 1e-5
 EPSILONS = (math.inf, 8.0, 4.0, 2.0)
@@ -250,7 +250,7 @@ def dp_sgd_arm(spec: ModelSpec, train: ArrayDataset, parts: list[np.ndarray], ev
         round_cfg = round_training(training, strategy, seed, r)
         results = []
         for name, idx in zip(names, parts, strict=True):
-            cfg = round_cfg.model_copy(update={"seed": agent_seed(round_cfg.seed, name), "batch_size": batch[name]})
+            cfg = round_cfg.model_copy(update={"seed": site_seed(round_cfg.seed, name), "batch_size": batch[name]})
             data = train.subset(idx)
             model = build_model(spec.architecture, **spec.kwargs)
             set_tensors(model, weights)
@@ -319,7 +319,7 @@ def central_dp_arm(spec: ModelSpec, train: ArrayDataset, shards: list[np.ndarray
         drawn.append(len(chosen))
         results = []
         for i in chosen:
-            cfg = round_cfg.model_copy(update={"seed": agent_seed(round_cfg.seed, names[i])})
+            cfg = round_cfg.model_copy(update={"seed": site_seed(round_cfg.seed, names[i])})
             results.append(ClientResult(names[i], _train_plain(spec, weights, train.subset(shards[i]), cfg, loss_fn),
                                         len(shards[i])))
         if results:  # nobody drawn: nothing released, nothing spent, the model stays

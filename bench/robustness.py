@@ -69,10 +69,10 @@ from _common import parser, print_table, write_rows
 from fedscan import experiments
 from fedscan.attacks import AttackFn, NoiseAttack, ScaleAttack
 from fedscan.compose import model_spec_for
+from firmware.profile import find_profile
 from learning.datasets import ArrayDataset, load_demo_splits
 from learning.partition import dirichlet_label_skew
 from protocol.messages import TrainingConfig
-from protocol.profile import find_profile
 
 STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum", "multikrum")
 ATTACKS = ("clean", "scale-10", "noise10x")

@@ -29,20 +29,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, print_table, write_rows
 
+from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.store import open_store
 from fedscan import experiments
 from fedscan.broker import local_broker, stop_processes
 from fedscan.compose import ValidationPass, model_spec_for
+from firmware.profile import find_profile
 from learning.data_path import find_data_file, warn_generated
 from learning.datasets import load_medmnist
+from protocol.codec import Tensors
 from protocol.messages import TrainingConfig
-from protocol.profile import find_profile
 
 
 def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr: float) -> dict[str, float]:
     state = root / "coordinator"
     state.mkdir(parents=True)
     store = open_store(f"sqlite:///{state / 'state.db'}")
+    ensure_signing_key(state)  # agents verify every model against keys/trust.json
     sites = [f"site-{i + 1}" for i in range(len(parts))]
     for name, idx in zip(sites, parts, strict=True):
         (root / name).mkdir()
@@ -63,7 +66,7 @@ def distributed(root: Path, data: Path, parts: list[np.ndarray], rounds: int, lr
         for name in sites:
             procs.append(subprocess.Popen([*py, "agent", "--id", name, "--broker", addr, "--data", str(data),
                                            "--indices", str(root / name / "indices.npy"), "--threads", "1", "--no-resource-gates",
-                                           "--state", str(root / name / "state")], env=dict(env, OMP_NUM_THREADS="1"),
+                                           "--state", str(root / name / "state"), "--trust", str(trust_path(state))], env=dict(env, OMP_NUM_THREADS="1"),
                                           stdout=subprocess.DEVNULL, stderr=open(root / name / "log", "wb")))  # noqa: SIM115
         try:
             procs[0].wait(timeout=3600)
@@ -102,7 +105,7 @@ def in_process(data: Path, parts: list[np.ndarray], rounds: int, lr: float, thre
     torch.set_num_threads(threads)
     ends: list[float] = []
 
-    def coordinator_work(w: experiments.Tensors) -> None:
+    def coordinator_work(w: Tensors) -> None:
         validation.metrics(w)
         validation.calibration(w)
         ends.append(time.perf_counter() - t0)

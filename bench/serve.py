@@ -6,6 +6,10 @@ expected calibration error on the test split before and after temperature scalin
 validation split, as the coordinator does).
 
 Targets on a 2-core CPU: 0 non-2xx, p99 < 1 s at concurrency 16, overhead at concurrency 1 <= 1.3x.
+
+Dermoscopy rows (``model: dermoscopy``, ``bench/serve_dermoscopy.py``): the melanoma profile's
+model with real ISIC JPEGs through the same API, p50/p99 at concurrency 1, 4, 16 and ECE on the
+fixed ISIC test split after temperature scaling. ``--part xray|dermoscopy`` runs one half.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ from _common import parser, print_table, write_rows
 TOKEN = "bench-token-0123456789abcdef"
 
 
-def drive(url: str, bodies: list[bytes], concurrency: int, total: int) -> dict[str, float]:
+def drive(url: str, bodies: list[bytes], concurrency: int, total: int,
+          content_type: str = "image/png") -> dict[str, float]:
     """Client side, in its own process: ``total`` requests with ``concurrency`` in flight."""
     import httpx
 
     def one(i: int, client: httpx.Client) -> tuple[float, int]:
         t = time.perf_counter()
         r = client.post(f"{url}/v1/diagnose", content=bodies[i % len(bodies)],
-                        headers={"Content-Type": "image/png", "Authorization": f"Bearer {TOKEN}"})
+                        headers={"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"})
         return time.perf_counter() - t, r.status_code
 
     clients = [httpx.Client(timeout=60) for _ in range(concurrency)]
@@ -56,8 +61,46 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--part", choices=("all", "xray", "dermoscopy"), default="all")
     args = p.parse_args()
     n = 20 if args.quick else args.requests
+    rows: list[dict[str, Any]] = []
+    if args.part != "dermoscopy":
+        rows += [{"model": "xray", **r} for r in xray_rows(args, n)]
+    if args.part != "xray":
+        from serve_dermoscopy import dermoscopy_rows
+
+        derm = dermoscopy_rows(n, args.threads, args.quick, drive, TOKEN)
+        print_table([r for r in derm if r["concurrency"] != "calibration"],
+                    ["model", "concurrency", "requests", "p50_ms", "p99_ms", "requests_per_s", "non_2xx", "engine"])
+        for r in derm:
+            if r["concurrency"] == "calibration":
+                print(f"dermoscopy calibration: ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f} "
+                      f"(T = {r['temperature']:.3f}; test AUC {r['test_auc']:.3f} after {r['train_steps']} steps)")
+            elif r["concurrency"] == 16:
+                print(f"dermoscopy target: p99 at 16 {r['p99_ms']:.0f} ms (< 1000), non-2xx {int(r['non_2xx'])} (0)")
+        rows += derm
+    if args.part != "all":  # one half rerun: keep the other half's rows of the last run
+        kept = "dermoscopy" if args.part == "xray" else "xray"
+        rows += [{"model": "xray", **r} for r in _previous_rows(args.quick) if r.get("model", "xray") == kept]
+    print(f"rows: {write_rows('serve', rows, quick=args.quick)}")
+
+
+def _previous_rows(quick: bool) -> list[dict[str, Any]]:
+    """The rows of the last run's results file (rows without a ``model`` are the X-ray rows)."""
+    import json
+
+    from _common import RESULTS
+
+    path = RESULTS / ("serve.quick.json" if quick else "serve.json")
+    try:
+        return list(json.loads(path.read_text())["rows"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def xray_rows(args: Any, n: int) -> list[dict[str, Any]]:
+    """The chest X-ray ResNet-18 at 224×224 (issue 6): latency at 1, 4, 16 and calibration rows."""
 
     import inference as ib  # bench/inference.py: the same trained ResNet-18 (cached weights)
     import torch
@@ -72,11 +115,11 @@ def main() -> None:
     from export.pipeline import export_model
     from fedscan.broker import free_port
     from fedscan.http import BackgroundServer
+    from firmware.profile import find_profile
     from learning.calibration import expected_calibration_error, fit_temperature, softmax
     from learning.datasets import load_demo_splits
     from learning.models import build_model
     from protocol.manifest import InputSpec
-    from protocol.profile import find_profile
 
     torch.set_num_threads(args.threads)
     cfg = ib.make_config(args.quick, args.threads)
@@ -152,7 +195,7 @@ def main() -> None:
     c1 = next(r for r in rows if r["concurrency"] == 1)
     print(f"targets: non-2xx {int(sum(r.get('non_2xx', 0) or 0 for r in rows))} (0), p99 at 16 "
           f"{c16['p99_ms']:.0f} ms (< 1000), overhead at 1 {c1['overhead_ratio_c1']:.2f}x (<= 1.3)")
-    print(f"rows: {write_rows('serve', rows, quick=args.quick)}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
+from _common import standard_meta  # noqa: E402
 
 from edge_agent.metrics import AgentMetrics  # noqa: E402
 from edge_agent.telemetry import TelemetryPublisher, TelemetrySampler, encode_telemetry  # noqa: E402
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     result = run(args.quick)
-    result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    result["meta"] = {**standard_meta(quick=args.quick), **result["meta"], "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for r in result["rows"]:

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from protocol.topics import Kind, Topics, validate_id
+from protocol.identifiers import validate_id
+from protocol.topics import Kind, Topics
 
 COORDINATOR_USER = "coordinator"
 
@@ -53,8 +54,11 @@ def _agent_topic(topics: Topics, agent_id: str, kind: Kind) -> str:
 
 
 def agent_rules(topics: Topics, agent_id: str) -> list[str]:
-    """The ``topic`` lines of one agent: write its own uplink topics, read its own downlink ones,
-    the model topics and the coordinator's status."""
+    """The ``topic`` lines of one agent.
+
+    It writes its own uplink topics and reads its own downlink ones, the model topics and the
+    coordinator's status.
+    """
     validate_id(agent_id, "agent id")
     order = list(Kind)
     writes = [_agent_topic(topics, agent_id, k) for k in order if k in AGENT_WRITES]
@@ -70,8 +74,10 @@ def generate_acl(
     coordinator_user: str = COORDINATOR_USER,
     observers: Iterable[str] = (),
 ) -> str:
-    """ACL text: one ``user`` block per enrolled agent, the coordinator (read/write the fleet tree)
-    and optional read-only ``observers`` (audit / leak tests: read the whole fleet tree).
+    """ACL text: one ``user`` block per enrolled agent, the coordinator and read-only observers.
+
+    The coordinator reads and writes the fleet tree; optional ``observers`` (audit / leak tests)
+    read the whole fleet tree.
 
     Agents whose id collides with the coordinator or an observer are refused (``ValueError``).
     """

@@ -1,16 +1,18 @@
-"""The coordinator's live view of the fleet, from what agents publish.
+"""The coordinator's live view of the fleet: who is enrolled and there, and what each box reports.
 
 :class:`FleetView` subscribes to every agent's ``status`` (retained birth / Last Will),
 ``telemetry`` (QoS 0 samples) and ``shadow/reported`` + ``shadow/desired`` (served vs. wanted
 model version), keeps the latest of each per agent plus a bounded history for charts, and
-answers two readers: :class:`FleetCollector` (a Prometheus collector, one label ``agent`` per
-series, for the coordinator's ``/metrics`` and the alert rules in ``deploy/prometheus/``) and
-:meth:`FleetView.snapshot` (JSON for the dashboard).
+answers two readers: the Prometheus collector (:mod:`coordinator.fleet_metrics`) and
+:meth:`FleetView.snapshot` (JSON for the dashboard, one page at a time).
 
-An agent is *up* when its last status is not ``offline`` and its last telemetry (or, before
-the first sample, its birth message) is younger than ``stale_after_s`` on the coordinator's
-clock, so a box that vanished without its Last Will still goes down. Messages that do not parse
-are counted and logged by topic and reason only, never by content.
+With a ``roster`` (the coordinator's store) the list of agents and whether each is online come
+from the store — every enrolled agent, paged and filtered by the database, with the presence
+:class:`~coordinator.presence.PresenceTracker` keeps there, so the dashboard, ``/metrics`` and
+``fedscan fleet ls`` give one answer, also right after a restart. Without one (tests, a bare
+view) it lists the agents it heard from and an agent is *up* when its last status is not
+``offline`` and its last telemetry (or birth message) is younger than ``stale_after_s``.
+Messages that do not parse are counted and logged by topic and reason only, never by content.
 """
 
 from __future__ import annotations
@@ -21,31 +23,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
+from coordinator.fleet_metrics import FleetCollector, fleet_registry
+from coordinator.fleet_state import AgentState, HistoryPoint
+from coordinator.presence import STALE_AFTER_S, agent_presence
+from coordinator.states import AgentPresence
+from coordinator.store import AgentRecord, Store
 from protocol.errors import MalformedMessage, UnknownTopic
 from protocol.messages import Shadow, Status, Telemetry, parse_message
 from protocol.topics import Kind, Topics
 from protocol.transport import Transport
 
+__all__ = ["AgentState", "FleetCollector", "FleetView", "HistoryPoint", "fleet_registry"]
+
 log = logging.getLogger(__name__)
-
-TRAINING_ACTIVE_STATES = frozenset({"waiting", "running", "paused", "uploading"})
-
-
-@dataclass(frozen=True)
-class HistoryPoint:
-    t: float
-    cpu: float | None
-    mem: float | None
-    disk: float | None
-    gpu_util: float | None
-    gpu_temp: float | None
 
 
 def _all_finite(value: Any) -> bool:
@@ -63,33 +55,40 @@ def _max(values: Iterable[Any]) -> float | None:
     return max(nums) if nums else None
 
 
-@dataclass
-class AgentState:
-    agent: str
-    status: str | None = None
-    status_at: float | None = None  # coordinator clock
-    last_seen: float | None = None  # coordinator clock, last telemetry
-    telemetry: Telemetry | None = None
-    reported_version: str | None = None
-    desired_version: str | None = None
-    messages: int = 0
-    progress_key: tuple[Any, ...] | None = None  # (round, step, state) of the training section
-    progress_seen: float | None = None  # coordinator clock when progress_key last changed
-    history: deque[HistoryPoint] = field(default_factory=lambda: deque(maxlen=360))
-
-    @property
-    def model_version(self) -> str | None:
-        """The version the box serves: its reported shadow, else what its telemetry says."""
-        if self.reported_version is not None:
-            return self.reported_version
-        return self.telemetry.model_version if self.telemetry is not None else None
-
-    @property
-    def drift(self) -> bool:
-        return self.desired_version is not None and self.model_version != self.desired_version
+def _row(st: AgentState, online: bool, presence: str, now: float, history_points: int) -> dict[str, Any]:
+    t = st.telemetry
+    hist = list(st.history)[-history_points:] if history_points > 0 else []
+    return {
+        "agent": st.agent,
+        "online": online,
+        "presence": presence,
+        "status": st.status,
+        "last_seen": st.last_seen,
+        "age_s": None if st.last_seen is None else round(now - st.last_seen, 1),
+        "model_version": st.model_version,
+        "desired_version": st.desired_version,
+        "drift": st.drift,
+        "cpu_percent": t.cpu_percent if t else None,
+        "memory_percent": t.memory_percent if t else None,
+        "disk_percent": t.disk_percent if t else None,
+        "temperatures_c": dict(t.temperatures_c) if t else {},
+        "gpu": [g.model_dump(exclude_none=True) for g in t.gpu] if t else [],
+        "training": dict(t.training) if t else {},
+        "inference": dict(t.inference) if t else {},
+        "history": {
+            "t": [round(p.t - now, 1) for p in hist],
+            "cpu": [p.cpu for p in hist],
+            "mem": [p.mem for p in hist],
+            "disk": [p.disk for p in hist],
+            "gpu_util": [p.gpu_util for p in hist],
+            "gpu_temp": [p.gpu_temp for p in hist],
+        },
+    }
 
 
 class FleetView:
+    """Every agent's latest status, telemetry and shadows, a bounded history, and presence."""
+
     def __init__(
         self,
         topics: Topics,
@@ -98,12 +97,14 @@ class FleetView:
         history: int = 360,
         accept: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        roster: Store | None = None,
     ) -> None:
         self.topics = topics
         self.stale_after_s = stale_after_s
         self.history = history
         self.accept = accept
         self.clock = clock
+        self.roster = roster
         self._lock = threading.Lock()
         self._agents: dict[str, AgentState] = {}
         self.counts: dict[str, int] = {"telemetry": 0, "status": 0, "shadow": 0, "malformed": 0, "refused": 0}
@@ -116,6 +117,7 @@ class FleetView:
             transport.subscribe(self.topics.all_agents(kind), self.handle, qos=1)
 
     def handle(self, topic: str, payload: bytes) -> None:
+        """Take one message from an agent topic (malformed or refused ones are counted, not kept)."""
         try:
             parsed = self.topics.parse(topic)
             agent = parsed.agent
@@ -156,8 +158,8 @@ class FleetView:
             cpu=msg.cpu_percent,
             mem=msg.memory_percent,
             disk=msg.disk_percent,
-            gpu_util=_max(g.get("util_percent") for g in msg.gpu),
-            gpu_temp=_max(g.get("temp_c") for g in msg.gpu),
+            gpu_util=_max(g.util_percent for g in msg.gpu),
+            gpu_temp=_max(g.temp_c for g in msg.gpu),
         )
         with self._lock:
             st = self._state(agent)
@@ -193,11 +195,32 @@ class FleetView:
         seen = st.last_seen if st.last_seen is not None else st.status_at
         return seen is not None and now - seen <= self.stale_after_s
 
+    def _merged(self, rec: AgentRecord) -> AgentState:
+        """An enrolled agent as the store knows it, with what this process heard (telemetry, history).
+
+        Caller holds the lock.
+        """
+        heard = self._agents.get(rec.agent_id)
+        return AgentState(
+            rec.agent_id, None if rec.last_seen is None else ("online" if rec.online else "offline"),
+            heard.status_at if heard else None, rec.last_seen, heard.telemetry if heard else None,
+            rec.reported_version, rec.desired_version, heard.messages if heard else 0,
+            heard.progress_key if heard else None, heard.progress_seen if heard else None,
+            heard.history if heard else deque(),
+        )
+
     def agents(self) -> list[str]:
+        """Every agent listed: the enrolled ones (with a roster), else those heard from; by id."""
+        if self.roster is not None:
+            return [a.agent_id for a in self.roster.list_agents()]
         with self._lock:
             return sorted(self._agents)
 
     def is_up(self, agent: str) -> bool:
+        """Whether ``agent`` is online (with a roster: its presence in the store)."""
+        if self.roster is not None:
+            rec = self.roster.get_agent(agent)
+            return rec is not None and agent_presence(rec, self.clock()) is AgentPresence.ONLINE
         with self._lock:
             st = self._agents.get(agent)
             return st is not None and self._is_up(st, self.clock())
@@ -205,7 +228,12 @@ class FleetView:
     def states(self) -> Iterator[tuple[AgentState, bool]]:
         """A consistent copy of every agent's state with its up flag (history not copied)."""
         now = self.clock()
+        records = self.roster.list_agents() if self.roster is not None else None
         with self._lock:
+            if records is not None:
+                merged = [(self._merged(r), agent_presence(r, now) is AgentPresence.ONLINE) for r in records]
+            else:
+                merged = [(st, self._is_up(st, now)) for st in sorted(self._agents.values(), key=lambda s: s.agent)]
             rows = [
                 (
                     AgentState(
@@ -213,149 +241,44 @@ class FleetView:
                         st.reported_version, st.desired_version, st.messages,
                         st.progress_key, st.progress_seen, deque(),
                     ),
-                    self._is_up(st, now),
+                    up,
                 )
-                for st in sorted(self._agents.values(), key=lambda s: s.agent)
+                for st, up in merged
             ]
         yield from rows
 
-    def snapshot(self, *, history_points: int = 120) -> dict[str, Any]:
-        """JSON-ready fleet state for the dashboard."""
+    def snapshot(self, *, history_points: int = 120, offset: int = 0, limit: int | None = None,
+                 query: str | None = None, online: bool | None = None) -> dict[str, Any]:
+        """JSON-ready fleet state for the dashboard: one page of agents and the fleet's counts.
+
+        ``query`` keeps agents whose id contains it (any case), ``online`` only the agents that are
+        (True) or are not (False) online; ``matching`` says how many pass, ``total``/``online``
+        count the whole fleet.
+        """
         now = self.clock()
-        agents = []
+        if self.roster is not None:
+            return self._roster_snapshot(now, history_points, offset, limit, query, online)
         with self._lock:
-            for st in sorted(self._agents.values(), key=lambda s: s.agent):
-                t = st.telemetry
-                hist = list(st.history)[-history_points:] if history_points > 0 else []
-                agents.append(
-                    {
-                        "agent": st.agent,
-                        "online": self._is_up(st, now),
-                        "status": st.status,
-                        "last_seen": st.last_seen,
-                        "age_s": None if st.last_seen is None else round(now - st.last_seen, 1),
-                        "model_version": st.model_version,
-                        "desired_version": st.desired_version,
-                        "drift": st.drift,
-                        "cpu_percent": t.cpu_percent if t else None,
-                        "memory_percent": t.memory_percent if t else None,
-                        "disk_percent": t.disk_percent if t else None,
-                        "temperatures_c": dict(t.temperatures_c) if t else {},
-                        "gpu": [dict(g) for g in t.gpu] if t else [],
-                        "training": dict(t.training) if t else {},
-                        "inference": dict(t.inference) if t else {},
-                        "history": {
-                            "t": [round(p.t - now, 1) for p in hist],
-                            "cpu": [p.cpu for p in hist],
-                            "mem": [p.mem for p in hist],
-                            "disk": [p.disk for p in hist],
-                            "gpu_util": [p.gpu_util for p in hist],
-                            "gpu_temp": [p.gpu_temp for p in hist],
-                        },
-                    }
-                )
-        online = sum(1 for a in agents if a["online"])
-        return {"generated_at": now, "agents": agents, "online": online, "total": len(agents)}
+            everyone = [(st, self._is_up(st, now)) for st in sorted(self._agents.values(), key=lambda s: s.agent)]
+            chosen = [(st, up) for st, up in everyone
+                      if (not query or query.lower() in st.agent.lower()) and (online is None or up == online)]
+            page = chosen[max(0, offset):][:limit] if limit is not None else chosen[max(0, offset):]
+            agents = [_row(st, up, (AgentPresence.ONLINE if up else AgentPresence.OFFLINE).value, now, history_points)
+                      for st, up in page]
+        return {"generated_at": now, "agents": agents, "online": sum(up for _, up in everyone),
+                "total": len(everyone), "matching": len(chosen), "offset": offset, "limit": limit}
 
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-class FleetCollector(Collector):
-    """Prometheus collector over a :class:`FleetView`: per-agent series labelled ``agent``."""
-
-    def __init__(self, view: FleetView) -> None:
-        self.view = view
-
-    def describe(self) -> list[Metric]:
-        return []  # unchecked collector: series depend on the fleet
-
-    def collect(self) -> Iterator[Metric]:
-        def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=["agent", *(labels or [])])
-
-        up = gauge("fedscan_agent_up", "1 when the agent is online and its telemetry is fresh")
-        seen = gauge("fedscan_agent_last_seen_timestamp_seconds", "Coordinator time of the last telemetry")
-        cpu = gauge("fedscan_agent_cpu_percent", "CPU utilization")
-        mem = gauge("fedscan_agent_memory_percent", "Memory in use")
-        disk = gauge("fedscan_agent_disk_percent", "Data disk in use")
-        temp = gauge("fedscan_agent_temperature_celsius", "Hottest reading per sensor chip", ["sensor"])
-        gutil = gauge("fedscan_agent_gpu_utilization_percent", "GPU utilization", ["gpu"])
-        gmem = gauge("fedscan_agent_gpu_memory_percent", "GPU memory in use", ["gpu"])
-        gtemp = gauge("fedscan_agent_gpu_temperature_celsius", "GPU temperature", ["gpu"])
-        gpow = gauge("fedscan_agent_gpu_power_watts", "GPU power draw", ["gpu"])
-        model = gauge("fedscan_agent_model_info", "Model version served (value 1)", ["version"])
-        desired = gauge("fedscan_agent_model_desired_info", "Model version desired by the rollout (value 1)", ["version"])
-        drift = gauge("fedscan_agent_model_drift", "1 when the served version differs from the desired one")
-        tactive = gauge("fedscan_agent_training_active", "1 while a training job exists on the agent")
-        tpaused = gauge("fedscan_agent_training_paused", "1 while training is paused (gates, diagnosis load)")
-        tstep = gauge("fedscan_agent_training_step", "Steps done in the current training job")
-        tprog = gauge(
-            "fedscan_agent_training_last_progress_timestamp_seconds",
-            "Coordinator time when the agent's training round/step/state last changed",
-        )
-        ireq = CounterMetricFamily("fedscan_agent_inference_requests", "Diagnosis requests handled", labels=["agent"])
-        ip95 = gauge("fedscan_agent_inference_latency_p95_seconds", "p95 of recent diagnosis latencies")
-        fleet = GaugeMetricFamily("fedscan_fleet_agents", "Agents known to the fleet view", labels=["state"])
-        msgs = CounterMetricFamily("fedscan_fleet_messages", "Agent messages handled by kind", labels=["kind"])
-
-        n_up = n_down = 0
-        for st, is_up in self.view.states():
-            a = st.agent
-            up.add_metric([a], 1.0 if is_up else 0.0)
-            n_up, n_down = n_up + int(is_up), n_down + int(not is_up)
-            if st.last_seen is not None:
-                seen.add_metric([a], st.last_seen)
-            if st.model_version is not None:
-                model.add_metric([a, st.model_version], 1.0)
-            if st.desired_version is not None:
-                desired.add_metric([a, st.desired_version], 1.0)
-            drift.add_metric([a], 1.0 if st.drift else 0.0)
-            t = st.telemetry
-            if t is None:
-                continue
-            for fam, value in ((cpu, t.cpu_percent), (mem, t.memory_percent), (disk, t.disk_percent)):
-                if value is not None:
-                    fam.add_metric([a], value)
-            for sensor, celsius in t.temperatures_c.items():
-                temp.add_metric([a, sensor], celsius)
-            for i, g in enumerate(t.gpu):
-                index = _num(g.get("index"))
-                idx = str(int(index)) if index is not None else str(i)
-                for fam, key in ((gutil, "util_percent"), (gmem, "mem_percent"), (gtemp, "temp_c"), (gpow, "power_w")):
-                    v = _num(g.get(key))
-                    if v is not None:
-                        fam.add_metric([a, idx], v)
-            state = t.training.get("state")
-            if isinstance(state, str):
-                tactive.add_metric([a], 1.0 if state in TRAINING_ACTIVE_STATES else 0.0)
-                tpaused.add_metric([a], 1.0 if state == "paused" else 0.0)
-            v = _num(t.training.get("step"))
-            if v is not None:
-                tstep.add_metric([a], v)
-            if isinstance(state, str) and st.progress_seen is not None:
-                tprog.add_metric([a], st.progress_seen)
-            v = _num(t.inference.get("requests"))
-            if v is not None:
-                ireq.add_metric([a], v)
-            v = _num(t.inference.get("p95_ms"))
-            if v is not None:
-                ip95.add_metric([a], v / 1000.0)
-        fleet.add_metric(["online"], n_up)
-        fleet.add_metric(["offline"], n_down)
-        for kind, n in dict(self.view.counts).items():
-            msgs.add_metric([kind], n)
-        yield from (up, seen, cpu, mem, disk, temp, gutil, gmem, gtemp, gpow, model, desired, drift)
-        yield from (tactive, tpaused, tstep, tprog, ireq, ip95, fleet, msgs)
-
-
-def fleet_registry(view: FleetView) -> CollectorRegistry:
-    """A registry holding only the fleet collector (add the coordinator's own metrics as needed)."""
-    registry = CollectorRegistry()
-    registry.register(FleetCollector(view))
-    return registry
-
-
+    def _roster_snapshot(self, now: float, history_points: int, offset: int, limit: int | None, query: str | None,
+                         online: bool | None) -> dict[str, Any]:
+        assert self.roster is not None
+        since = now - STALE_AFTER_S
+        records, matching = self.roster.agents.page(offset=offset, limit=100 if limit is None else limit,
+                                                    query=query, online=online, online_since=since)
+        total, up = self.roster.agents.count_online(since)
+        with self._lock:
+            agents = []
+            for rec in records:
+                p = agent_presence(rec, now)
+                agents.append(_row(self._merged(rec), p is AgentPresence.ONLINE, p.value, now, history_points))
+        return {"generated_at": now, "agents": agents, "online": up, "total": total, "matching": matching,
+                "offset": offset, "limit": limit}

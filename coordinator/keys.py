@@ -22,14 +22,17 @@ log = logging.getLogger("fedscan.coordinator.keys")
 
 
 def keys_dir(state_dir: Path) -> Path:
+    """Where the coordinator keeps its signing keys."""
     return Path(state_dir) / "keys"
 
 
 def trust_path(state_dir: Path) -> Path:
+    """The trust file agents are given (``keys/trust.json``)."""
     return keys_dir(state_dir) / "trust.json"
 
 
 def load_trust(state_dir: Path) -> TrustStore:
+    """The coordinator's trust store, loaded from its state folder."""
     p = trust_path(state_dir)
     return TrustStore.load(p) if p.exists() else TrustStore()
 
@@ -71,6 +74,7 @@ def rotate(state_dir: Path, *, retire_old: bool = False) -> KeyAnnouncement:
 
 
 def announcements(state_dir: Path) -> list[KeyAnnouncement]:
+    """The key announcements recorded so far (rotation history)."""
     ann_dir = keys_dir(state_dir) / "announcements"
     if not ann_dir.exists():
         return []

@@ -18,45 +18,49 @@ from __future__ import annotations
 
 from typing import Final
 
+from coordinator.states import ModelState
 from coordinator.store import ModelRecord, Store
+from protocol.errors import FedscanError, Reason
 
-TRANSITIONS: Final[dict[str, frozenset[str]]] = {
-    "candidate": frozenset({"approved", "retired"}),
-    "approved": frozenset({"canary", "retired"}),
-    "canary": frozenset({"active", "approved", "retired"}),
-    "active": frozenset({"retired"}),
-    "retired": frozenset(),
+_S = ModelState
+TRANSITIONS: Final[dict[ModelState, frozenset[ModelState]]] = {
+    _S.CANDIDATE: frozenset({_S.APPROVED, _S.RETIRED}),
+    _S.APPROVED: frozenset({_S.CANARY, _S.RETIRED}),
+    _S.CANARY: frozenset({_S.ACTIVE, _S.APPROVED, _S.RETIRED}),
+    _S.ACTIVE: frozenset({_S.RETIRED}),
+    _S.RETIRED: frozenset(),
 }
 
 
-class LifecycleError(ValueError):
-    """A refused lifecycle change; ``reason`` is machine-readable."""
+class LifecycleError(FedscanError):
+    """A refused lifecycle change (reason ``unknown_state``, ``bad_transition``, ``unknown_version``)."""
 
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"[{self.reason}] {super().__str__()}"
+    reason = Reason.BAD_TRANSITION
 
 
-def check_transition(version: str, current: str, target: str) -> None:
-    if target not in TRANSITIONS:
-        raise LifecycleError(f"unknown model state {target!r}", reason="unknown_state")
-    if target not in TRANSITIONS.get(current, frozenset()):
-        allowed = ", ".join(sorted(TRANSITIONS.get(current, frozenset()))) or "none"
-        raise LifecycleError(f"model {version} is {current}; it cannot become {target} (allowed: {allowed})",
-                             reason="bad_transition")
+def check_transition(version: str, current: ModelState | str, target: ModelState | str) -> ModelState:
+    """``target`` as a state if a model in ``current`` may move to it; LifecycleError otherwise."""
+    try:
+        to = ModelState(target)
+    except ValueError:
+        raise LifecycleError(f"unknown model state {target!r}", reason=Reason.UNKNOWN_STATE) from None
+    allowed_set = TRANSITIONS.get(ModelState(current), frozenset())
+    if to not in allowed_set:
+        allowed = ", ".join(sorted(allowed_set)) or "none"
+        raise LifecycleError(f"model {version} is {current}; it cannot become {to} (allowed: {allowed})",
+                             reason=Reason.BAD_TRANSITION)
+    return to
 
 
-def transition(store: Store, version: str, target: str) -> ModelRecord:
+def transition(store: Store, version: str, target: ModelState | str) -> ModelRecord:
     """Move ``version`` to ``target`` if the lifecycle allows it; the store is unchanged otherwise."""
     rec = store.get_model(version)
     if rec is None:
-        raise LifecycleError(f"no model {version!r}", reason="unknown_version")
-    check_transition(version, rec.state, target)
-    store.set_model_state(version, target)
-    store.record_event("model_state", reason=target, detail={"version": version, "from": rec.state, "to": target})
+        raise LifecycleError(f"no model {version!r}", reason=Reason.UNKNOWN_VERSION)
+    to = check_transition(version, rec.state, target)
+    store.set_model_state(version, to)
+    store.record_event("model_state", reason=to.value,
+                       detail={"version": version, "from": rec.state.value, "to": to.value})
     out = store.get_model(version)
     assert out is not None
     return out

@@ -31,19 +31,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.topics import validate_id
+from protocol.errors import FedscanError, Reason
+from protocol.identifiers import validate_id
 
 Kind = Literal["device", "coordinator", "server", "admin"]
 COORDINATOR_CN = "coordinator"
 CRL_DAYS = 30
 
 
-class PKIError(Exception):
+class PKIError(FedscanError):
     """A PKI operation was refused (unknown name, duplicate, not initialised ...)."""
+
+    reason = Reason.PKI_ERROR
 
 
 @dataclass(frozen=True)
 class Issued:
+    """One certificate the fleet CA has issued."""
+
     name: str
     kind: str
     serial: int
@@ -55,6 +60,8 @@ class Issued:
 
 @dataclass(frozen=True)
 class CertPaths:
+    """Where one issued certificate, its key and the CA certificate lie."""
+
     cert: Path
     key: Path
     ca: Path
@@ -99,6 +106,7 @@ def fingerprint(cert: x509.Certificate | Path) -> str:
 
 
 def common_name(cert: x509.Certificate | Path) -> str:
+    """The common name of a certificate (or of the certificate file at ``cert``)."""
     if isinstance(cert, Path):
         cert = x509.load_pem_x509_certificate(cert.read_bytes())
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -124,18 +132,22 @@ class FleetPKI:
     # -- paths ----------------------------------------------------------------------------
     @property
     def ca_path(self) -> Path:
+        """The CA certificate file."""
         return self.root / "ca.crt"
 
     @property
     def crl_path(self) -> Path:
+        """The certificate revocation list file."""
         return self.root / "crl.pem"
 
     def paths(self, name: str) -> CertPaths:
+        """The files of the certificate issued to ``name``."""
         return CertPaths(self.root / "issued" / f"{name}.crt", self.root / "issued" / f"{name}.key", self.ca_path)
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
     def init(cls, root: Path, fleet: str, *, days: int = 3650) -> FleetPKI:
+        """Create a new fleet CA under ``root``."""
         validate_id(fleet, "fleet")
         root = Path(root)
         if (root / "ca.key").exists():
@@ -185,6 +197,7 @@ class FleetPKI:
         return data
 
     def issued(self) -> list[Issued]:
+        """Every certificate issued so far."""
         raw = self._load_index()["issued"]
         assert isinstance(raw, list)
         return [Issued(**item) for item in raw]
@@ -196,9 +209,11 @@ class FleetPKI:
 
     @property
     def fleet(self) -> str:
+        """The fleet this CA serves."""
         return str(self._load_index()["fleet"])
 
     def get(self, name: str) -> Issued:
+        """The valid (not revoked) certificate issued to ``name``; PKIError if none."""
         for item in self.issued():
             if item.name == name and not item.revoked:
                 return item
@@ -286,20 +301,24 @@ class FleetPKI:
         return paths
 
     def issue_device(self, agent_id: str, **kw: object) -> CertPaths:
+        """Issue an agent's client certificate (CN = agent id)."""
         return self.issue(agent_id, "device", **kw)  # type: ignore[arg-type]
 
     def issue_coordinator(self, name: str = COORDINATOR_CN, **kw: object) -> CertPaths:
+        """Issue the coordinator's client certificate."""
         return self.issue(name, "coordinator", **kw)  # type: ignore[arg-type]
 
     def issue_server(self, name: str = "broker", hosts: Sequence[str] = ("127.0.0.1", "localhost"),
                      **kw: object) -> CertPaths:
+        """Issue the broker's server certificate for ``hosts``."""
         return self.issue(name, "server", hosts=hosts, **kw)  # type: ignore[arg-type]
 
     # -- revocation -----------------------------------------------------------------------------
     def revoke(self, name: str) -> Path:
         """Revoke every valid certificate of ``name`` and rewrite the CRL; return its path.
 
-        The broker reads the CRL at start (and on SIGHUP, see ``deploy/mosquitto``)."""
+        The broker reads the CRL at start (and on SIGHUP, see ``deploy/mosquitto``).
+        """
         items = self.issued()
         hit = False
         now = _utcnow().isoformat()
@@ -318,7 +337,8 @@ class FleetPKI:
         """(Re)write ``crl.pem`` listing every revoked serial, valid for ``days``.
 
         Re-run before ``next_update`` passes (e.g. from a daily timer): an expired CRL makes
-        OpenSSL refuse *every* client."""
+        OpenSSL refuse *every* client.
+        """
         now = _utcnow()
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -337,6 +357,7 @@ class FleetPKI:
         return self.crl_path
 
     def is_revoked(self, cert_path: Path) -> bool:
+        """Whether the certificate at ``cert_path`` is on the CRL."""
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
         return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None

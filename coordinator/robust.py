@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.aggregate import Tensors, same_keys
+from coordinator.aggregate import same_keys
+from protocol.codec import Tensors
 
 Delta = Mapping[str, np.ndarray]
 
@@ -73,8 +74,10 @@ def trimmed_mean(updates: Sequence[Delta], beta: float) -> Tensors:
 
 
 def capped_weights(counts: Sequence[float], cap: float) -> np.ndarray:
-    """Self-reported sample counts as weights, each capped at ``cap`` times the median count, so a
-    client that claims a huge count gains at most ``cap`` median clients' say."""
+    """Self-reported sample counts as weights, each capped at ``cap`` times the median count.
+
+    A client that claims a huge count gains at most ``cap`` median clients' say.
+    """
     w = np.asarray(counts, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or np.any(~np.isfinite(w)) or np.any(w < 0) or cap <= 0:
         raise ValueError("counts must be finite and non-negative, cap > 0")
@@ -96,15 +99,19 @@ def weight_shares(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError("weights must be non-negative with a positive sum, one per update")
-    return w / w.sum()
+    shares: np.ndarray = w / w.sum()
+    return shares
 
 
 def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray, beta: float) -> Tensors:
-    """Per coordinate, sort the values, give each value its share of the total weight, cut the
+    """Weighted trimmed mean: cut the ``beta`` share of weight mass from each end, per coordinate.
+
+    Per coordinate, sort the values, give each value its share of the total weight, cut the
     ``beta`` share of weight mass from each end (a value straddling a cut keeps the part inside),
     and average what is left by weight. ``beta = 0`` is the weighted mean (FedAvg); as ``beta``
     approaches 0.5 it becomes the weighted median. A client with weight share at most ``beta`` can
-    never move the result outside the range of the honest values."""
+    never move the result outside the range of the honest values.
+    """
     if not 0.0 <= beta < 0.5:
         raise ValueError("trimmed mean beta must be in [0, 0.5)")
     xs, ws = _sorted_with_weight_shares(updates, weights)
@@ -114,8 +121,10 @@ def weighted_trimmed_mean(updates: Sequence[Delta], weights: Sequence[float] | n
 
 
 def weighted_median(updates: Sequence[Delta], weights: Sequence[float] | np.ndarray) -> Tensors:
-    """Per coordinate, the value at which the cumulative weight crosses one half (the mean of the
-    two values when it lands exactly on a boundary)."""
+    """Per coordinate, the value at which the cumulative weight crosses one half.
+
+    When it lands exactly on a boundary, the mean of the two values.
+    """
     xs, ws = _sorted_with_weight_shares(updates, weights)
     hi = np.cumsum(ws, axis=0)
     eps = 1e-12
@@ -130,7 +139,8 @@ def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:
     sq = np.einsum("ij,ij->i", x, x)
     d = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
     np.fill_diagonal(d, 0.0)
-    return np.maximum(d, 0.0)
+    out: np.ndarray = np.maximum(d, 0.0)
+    return out
 
 
 def krum_scores(x: np.ndarray, f: int) -> np.ndarray:
@@ -171,7 +181,9 @@ def krum(updates: Sequence[Delta], f: int) -> tuple[Tensors, int]:
 
 
 def l2_norms(updates: Sequence[Delta]) -> np.ndarray:
-    return np.linalg.norm(flatten(updates), axis=1)
+    """The L2 norm of each update (all its tensors together)."""
+    norms: np.ndarray = np.linalg.norm(flatten(updates), axis=1)
+    return norms
 
 
 def norm_bound(updates: Sequence[Delta], max_norm: float) -> tuple[list[Tensors], np.ndarray, np.ndarray]:
@@ -206,6 +218,7 @@ class AnomalyScore:
     robust_z: float
 
     def as_dict(self) -> dict[str, float]:
+        """The scores as a JSON-ready mapping."""
         return {
             "norm": self.norm,
             "distance_to_median": self.distance_to_median,
@@ -215,8 +228,9 @@ class AnomalyScore:
 
 
 def anomaly_scores(updates: Sequence[Delta]) -> list[AnomalyScore]:
-    """Per update: norm, L2 distance and cosine to the coordinate-wise median, and the robust
-    z-score ``(dist - median(dist)) / (1.4826 * MAD(dist))`` of that distance.
+    """Per update: norm, L2 distance and cosine to the coordinate-wise median, robust z-score.
+
+    The robust z-score of the distance is ``(dist - median(dist)) / (1.4826 * MAD(dist))``.
 
     The MAD is floored at 1e-12 relative to the median distance so identical updates give 0.
     """

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from edge_agent.telemetry import ResourceSample
-from protocol.profile import FirmwareProfile, ResourceGates, TrainingWindow
+from firmware.profile import FirmwareProfile, ResourceGates, TrainingWindow
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,13 @@ def gates_open(
 class PauseHookLike(Protocol):
     """What the controller needs of ``learning.trainer.PauseHook``."""
 
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
+    def pause(self) -> None:
+        """Pause training."""
+    def resume(self) -> None:
+        """Let training go on."""
     @property
-    def paused(self) -> bool: ...
+    def paused(self) -> bool:
+        """Whether training is paused."""
 
 
 class GateController:
@@ -140,6 +143,7 @@ class GateController:
         wallclock: Callable[[], datetime] = datetime.now,
         on_change: Callable[[bool, list[str]], None] | None = None,
     ) -> None:
+        """Gate training on ``cpu``/``gpu`` limits and the training ``window`` (``None``: that gate is off)."""
         self.gates = gates
         self.window = window
         self.quiet_s = quiet_s
@@ -177,20 +181,20 @@ class GateController:
             self._apply(*self._decide())
 
     def observe(self, sample: ResourceSample) -> None:
-        """A new resource sample (``TelemetryPublisher`` listener)."""
+        """Take a new resource sample (a ``TelemetryPublisher`` listener)."""
         with self._lock:
             self._sample = sample
             self.tick()
 
     def on_inference_request(self, *_args: object, **_kwargs: object) -> None:
-        """A diagnosis request arrived: pause training now. Arguments are ignored, never logged."""
+        """Pause training now: a diagnosis request arrived. Arguments are ignored, never logged."""
         with self._lock:
             self._last_request = self.clock()
             if self.gates is None or self.gates.pause_on_inference:
                 self._apply(True, ["inference request"])
 
     def on_inference_done(self, *_args: object, **_kwargs: object) -> None:
-        """A diagnosis finished (``DiagnosisService.on_result``): the quiet period counts from now."""
+        """Start the quiet period now: a diagnosis finished (``DiagnosisService.on_result``)."""
         with self._lock:
             self._last_request = self.clock()
 
@@ -233,11 +237,13 @@ class GateController:
 
     @property
     def paused(self) -> bool:
+        """Whether the gates hold training paused now."""
         with self._lock:
             return self._paused
 
     @property
     def reasons(self) -> list[str]:
+        """Why training is paused (the gates that are closed)."""
         with self._lock:
             return list(self._reasons)
 
@@ -279,12 +285,14 @@ class GateController:
                 log.exception("gate controller tick failed")
 
     def start(self) -> None:
+        """Start the controller's thread (it re-checks the gates periodically)."""
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="gates", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the controller's thread."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

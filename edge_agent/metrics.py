@@ -24,7 +24,10 @@ OUTCOMES = ("ok", "rejected", "error")
 
 
 class AgentMetrics:
+    """The agent's Prometheus metrics: inference, training progress, resource gates, resources."""
+
     def __init__(self, registry: CollectorRegistry | None = None, *, recent: int = 512) -> None:
+        """Register the metrics in a registry of their own."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.inference_requests = Counter(
@@ -68,6 +71,7 @@ class AgentMetrics:
 
     # -- inference ------------------------------------------------------------------------------
     def observe_inference(self, latency_s: float, outcome: str = "ok") -> None:
+        """Count one diagnosis request and its latency (``outcome`` ok, rejected or error)."""
         if outcome not in OUTCOMES:
             outcome = "error"
         self.inference_requests.labels(outcome).inc()
@@ -90,6 +94,7 @@ class AgentMetrics:
 
     # -- training -------------------------------------------------------------------------------
     def training_started(self, round_id: int, steps_total: int) -> None:
+        """Record that a training job for ``round_id`` started."""
         with self._lock:
             self._state, self._round, self._step, self._steps_total = "running", float(round_id), 0.0, float(steps_total)
             self._progress_at, self._loss = time.time(), None
@@ -101,6 +106,7 @@ class AgentMetrics:
         self.training_progress_ts.set_to_current_time()
 
     def training_step_done(self, step: int, loss: float | None = None) -> None:
+        """Record one finished training step (and its loss)."""
         now = time.time()
         with self._lock:
             self._step, self._progress_at = float(step), now
@@ -112,19 +118,20 @@ class AgentMetrics:
             self.training_loss.set(loss)
 
     def on_train_progress(self, steps_done: int, steps_planned: int, loss: float) -> None:
-        """Matches ``learning.trainer.Progress``: pass as ``train_local(..., progress=metrics.on_train_progress)``."""
+        """Record training progress (the shape of ``learning.trainer.Progress``): pass as ``train_local(..., progress=metrics.on_train_progress)``."""
         with self._lock:
             self._steps_total = float(steps_planned)
         self.training_steps_total.set(steps_planned)
         self.training_step_done(steps_done, loss)
 
     def on_gate_change(self, paused: bool, reasons: list[str]) -> None:
-        """Matches ``GateController(on_change=...)``: pause state, gate gauge and pause reason."""
+        """Record a gate change (``GateController(on_change=...)``): pause state, gate gauge and pause reason."""
         by_inference = any("inference" in r for r in reasons)
         self.gates_open.set(0 if paused and not by_inference else 1)
         self.training_paused_changed(paused, "inference" if by_inference else "gate")
 
     def training_paused_changed(self, paused: bool, reason: str = "gate") -> None:
+        """Record that training paused or resumed, and why."""
         with self._lock:
             if self._state in ("running", "paused"):
                 self._state = "paused" if paused else "running"
@@ -133,12 +140,14 @@ class AgentMetrics:
             self.training_pauses.labels("inference" if reason == "inference" else "gate").inc()
 
     def training_finished(self, state: str = "done") -> None:
+        """Record that the training job ended (``done``, ``failed`` or ``idle``)."""
         with self._lock:
             self._state = state if state in TRAINING_STATES else "done"
         self.training_active.set(0)
         self.training_paused.set(0)
 
     def training_summary(self) -> dict[str, float | str]:
+        """Return the training section of the telemetry message."""
         with self._lock:
             out: dict[str, float | str] = {"state": self._state}
             if self._round is not None:
@@ -151,6 +160,7 @@ class AgentMetrics:
 
     # -- model and resources ----------------------------------------------------------------------
     def set_model_version(self, version: str | None) -> None:
+        """Record the model version served now."""
         with self._lock:
             old, self._model_version = self._model_version, version
         if old is not None:
@@ -159,9 +169,11 @@ class AgentMetrics:
             self.model_info.labels(version).set(1)
 
     def model_version(self) -> str | None:
+        """Return the model version served now."""
         return self._model_version
 
     def observe_resources(self, sample: ResourceSample) -> None:
+        """Record a resource sample (a ``TelemetryPublisher`` listener)."""
         """Mirror a telemetry sample into gauges (a ``TelemetryPublisher`` listener)."""
         for gauge, value in (
             (self.cpu_percent, sample.cpu_percent),
@@ -177,11 +189,12 @@ class AgentMetrics:
                     gauge.labels(str(g.index)).set(value)
 
     def exposition(self) -> bytes:
+        """Return the metrics in the Prometheus text format."""
         return generate_latest(self.registry)
 
 
 def metrics_router(registry: CollectorRegistry, path: str = "/metrics") -> APIRouter:
-    """A FastAPI router serving ``registry`` in the Prometheus text format (agent and coordinator)."""
+    """Return a FastAPI router serving ``registry`` in the Prometheus text format (agent and coordinator)."""
     router = APIRouter()
 
     @router.get(path, include_in_schema=False)

@@ -7,7 +7,7 @@ over all the updates it has ever sent; it lives in ``privacy_budget.json`` in th
 directory (the accountant's events, so ε can be recomputed at any δ and survives restarts).
 
 Before a run, its planned steps are checked against ``epsilon_budget``: a run that would pass it
-raises :class:`coordinator.privacy.BudgetExhausted` and never starts. After a run, the planned
+raises :class:`learning.privacy_accounting.BudgetExhausted` and never starts. After a run, the planned
 steps are charged (an empty Poisson batch still counts: conservative) and the file is written
 before the update leaves the box.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from coordinator.privacy import PrivacyBudget
+from edge_agent.durable import atomic_write
+from firmware.profile import PrivacySection
+from learning.privacy_accounting import PrivacyBudget
 from learning.trainer import (
     PauseHook,
     Progress,
@@ -46,8 +47,8 @@ from learning.trainer import (
     sgd_optimizer,
     train_local,
 )
+from protocol.errors import FedscanError, Reason
 from protocol.messages import TrainingConfig
-from protocol.profile import PrivacySection
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class DPReport:
     steps: int  # charged for this run
 
     def as_metrics(self) -> dict[str, float]:
+        """Return the report as update-frame metrics (``dp_*``)."""
         return {"dp_epsilon": self.epsilon, "dp_delta": self.delta, "dp_budget_epsilon": self.budget_epsilon,
                 "dp_noise_multiplier": self.noise_multiplier, "dp_sampling_rate": self.sampling_rate,
                 "dp_steps": float(self.steps)}
@@ -76,7 +78,7 @@ def _size(data: TrainData) -> int:
 
 
 def dp_training_config(cfg: TrainingConfig) -> TrainingConfig:
-    """The round's config as DP-SGD runs it (see the module doc): plain CE, no proximal term."""
+    """Return the round's config as DP-SGD runs it (see the module doc): plain CE, no proximal term."""
     changes: dict[str, Any] = {}
     if cfg.loss != "ce":
         changes["loss"] = "ce"
@@ -88,14 +90,17 @@ def dp_training_config(cfg: TrainingConfig) -> TrainingConfig:
     return cfg.model_copy(update=changes)
 
 
-class PrivacyStateError(RuntimeError):
+class PrivacyStateError(FedscanError):
     """The stored privacy budget cannot be read: training stays off (fail closed) until it is fixed."""
+
+    reason = Reason.PRIVACY_STATE
 
 
 class PrivateTrainer:
     """One agent's DP-SGD runs and their privacy budget (kept in ``state_dir``)."""
 
     def __init__(self, section: PrivacySection, state_dir: Path) -> None:
+        """Read the budget kept in ``state_dir`` (``PrivacyStateError`` when it is unreadable)."""
         if not section.dp_sgd:
             raise ValueError("PrivateTrainer needs privacy.dp_sgd: true")
         self.section = section
@@ -116,15 +121,16 @@ class PrivateTrainer:
         return PrivacyBudget(limit, self.section.target_delta, released)
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.budget.to_dict()))
-        os.replace(tmp, self.path)
+        # fsynced (file and directory) before the update can leave: a power loss must not roll ε back
+        atomic_write(self.path, json.dumps(self.budget.to_dict()).encode())
 
     def train(self, model: nn.Module, data: TrainData, cfg: TrainingConfig, *, threads: int | None = None,
               pause: PauseHook | None = None, progress: Progress | None = None,
               what: str = "local training") -> tuple[TrainResult, DPReport]:
-        """Train ``model`` in place with DP-SGD; raises ``BudgetExhausted`` (nothing trained) when the
-        planned steps would take ε past the budget."""
+        """Train ``model`` in place with DP-SGD.
+
+        Raises ``BudgetExhausted`` (nothing trained) when the planned steps would take ε past the budget.
+        """
         from learning.dp import make_private  # opacus: imported by DP agents only
 
         cfg = dp_training_config(cfg)
@@ -137,7 +143,7 @@ class PrivateTrainer:
         z, clip = self.section.noise_multiplier, self.section.max_grad_norm
         pt = make_private(model, sgd_optimizer(model, cfg), sizes, noise_multiplier=z, max_grad_norm=clip,
                           budget=self.budget, planned_steps=planned, what=f"DP-SGD {what}")
-        dp_optimizer = pt.optimizer
+        dp_optimizer: torch.optim.Optimizer = pt.optimizer  # opacus' DPOptimizer (untyped) is an Optimizer
 
         def use_dp_optimizer(_m: nn.Module, _c: TrainingConfig) -> torch.optim.Optimizer:
             return dp_optimizer

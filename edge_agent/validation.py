@@ -1,6 +1,8 @@
-"""On-box accuracy of a newly served model on its manifest's labelled validation batch, next to the
-accuracy of the model served before it: the figures the rollout's accuracy gate reads from the
-reported shadow (``val_accuracy``, ``val_accuracy_active``)."""
+"""On-box accuracy of a newly served model and of the one before it, for the rollout's gate.
+
+Both are measured on the labelled validation batch the manifest names (inline, or fetched once): the figures the rollout's accuracy
+gate reads from the reported shadow (``val_accuracy``, ``val_accuracy_active``).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ log = logging.getLogger("fedscan.agent.validation")
 
 
 def batch_accuracy(installer: ModelInstaller, version: str, x: np.ndarray, y: np.ndarray) -> float:
+    """Return the accuracy of installed ``version`` on a labelled batch."""
     manifest = installer.manifest(version)
     model = build_from_manifest(manifest, installer.tensors(version))
     with torch.no_grad():
@@ -25,9 +28,15 @@ def batch_accuracy(installer: ModelInstaller, version: str, x: np.ndarray, y: np
     return float((pred == y).mean())
 
 
-def validation_detail(installer: ModelInstaller, version: str, previous: str | None) -> dict[str, object]:
-    """``{"val_accuracy", "val_accuracy_active"}`` when ``version``'s manifest ships a batch (the second
-    only when a previous model is installed); ``{"val_error": reason}`` when the batch is unusable."""
+def validation_detail(installer: ModelInstaller, version: str, previous: str | None,
+                      data: bytes | None = None) -> dict[str, object]:
+    """Return the on-box accuracy figures of ``version`` for the reported shadow.
+
+    ``data``: the downloaded ``.npz`` of a batch the manifest names by reference.
+
+    ``{"val_accuracy", "val_accuracy_active"}`` when the manifest ships a batch (the second only
+    when a previous model is installed); ``{"val_error": reason}`` when the batch is unusable.
+    """
     manifest: Manifest = installer.manifest(version)
     vb = manifest.validation_batch
     if vb is None:
@@ -35,7 +44,7 @@ def validation_detail(installer: ModelInstaller, version: str, previous: str | N
     try:
         spec = manifest.input
         x, y = decode_batch(vb, channels=spec.channels, height=spec.height, width=spec.width,
-                            classes=len(manifest.classes))
+                            classes=len(manifest.classes), data=data)
         out: dict[str, object] = {"val_accuracy": batch_accuracy(installer, version, x, y), "val_count": len(y)}
         if previous is not None and previous != version and installer.has(previous):
             out["val_accuracy_active"] = batch_accuracy(installer, previous, x, y)

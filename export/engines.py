@@ -23,6 +23,7 @@ from torch import nn
 from export.errors import BadArtifact, EngineUnavailable, ExportError, describe
 from export.onnx_export import cpu_session, float_copy
 from export.tensorrt_build import build_engine, cuda_gpu_name, import_tensorrt
+from protocol.errors import Reason
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ class InferenceEngine(Protocol):
 
     name: str
 
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch."""
 
 
 @dataclass(frozen=True)
 class EngineAttempt:
+    """One engine tried when a model is activated: its name, whether it built and passed, and why not."""
     name: str
     ok: bool
     reason: str
@@ -74,6 +77,7 @@ class OrtEngine:
         self._input = session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch (ONNX Runtime session)."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return np.asarray(self.session.run(None, {self._input: x})[0], dtype=np.float32)
 
@@ -82,7 +86,7 @@ def _ort_gpu_session(path: Path, provider: str, options: dict[str, Any], threads
     available = ort.get_available_providers()
     if provider not in available:
         raise EngineUnavailable(
-            f"unavailable: this onnxruntime build has no {provider} (providers: {', '.join(available)})"
+            f"this onnxruntime build has no {provider} (providers: {', '.join(available)})"
         )
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -96,10 +100,10 @@ def _ort_gpu_session(path: Path, provider: str, options: dict[str, Any], threads
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:
-        raise EngineUnavailable(f"unavailable: {provider} session failed: {exc}") from exc
+        raise EngineUnavailable(f"{provider} session failed: {exc}") from exc
     active = sess.get_providers()
     if not active or active[0] != provider:  # onnxruntime falls back to CPU silently when a provider fails
-        raise EngineUnavailable(f"unavailable: {provider} did not initialise (session runs on {active})")
+        raise EngineUnavailable(f"{provider} did not initialise (session runs on {active})")
     return sess
 
 
@@ -110,12 +114,12 @@ def _ort_cpu(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
         return OrtEngine("ort-cpu-fp32", cpu_session(a.onnx_fp32, threads=threads))
     if a.onnx_int8 is not None:
         return OrtEngine("ort-cpu-int8", cpu_session(a.onnx_int8, threads=threads))
-    raise EngineUnavailable("unavailable: no ONNX artifact")
+    raise EngineUnavailable("no ONNX artifact")
 
 
 def _ort_cuda(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
     if a.onnx_fp32 is None:
-        raise EngineUnavailable("unavailable: no ONNX FP32 artifact")
+        raise EngineUnavailable("no ONNX FP32 artifact")
     sess = _ort_gpu_session(a.onnx_fp32, "CUDAExecutionProvider", {"device_id": 0}, threads)
     return OrtEngine("ort-cuda-fp32", sess)
 
@@ -123,7 +127,7 @@ def _ort_cuda(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
 def _ort_tensorrt(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
     path = a.onnx_int8_tensorrt if a.precision == "int8" and a.onnx_int8_tensorrt is not None else a.onnx_fp32
     if path is None:
-        raise EngineUnavailable("unavailable: no ONNX artifact")
+        raise EngineUnavailable("no ONNX artifact")
     cache = str((a.cache_dir or path.parent) / "ort-trt-cache")
     options = {
         "device_id": 0,
@@ -164,7 +168,7 @@ class TorchEngine:
     def _graph_for(self, shape: tuple[int, ...]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         if shape not in self._graphs:
             static_in = torch.zeros(shape, device=self.device, dtype=self.dtype)
-            side = torch.cuda.Stream()
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call, unused-ignore]
             side.wait_stream(torch.cuda.current_stream())
             with torch.no_grad(), torch.cuda.stream(side):
                 for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs advises
@@ -177,31 +181,35 @@ class TorchEngine:
         return self._graphs[shape]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch (torch; CUDA graphs replayed per batch shape when on)."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if self.device.type == "cpu":
             with torch.inference_mode():
-                return self.model(x).numpy()
+                cpu: np.ndarray = self.model(x).numpy()
+                return cpu
         x = x.to(self.device, non_blocking=True).to(self.dtype)
         if self.cuda_graphs:
             graph, static_in, static_out = self._graph_for(tuple(x.shape))
             static_in.copy_(x)
             graph.replay()
-            return static_out.float().cpu().numpy()
+            replayed: np.ndarray = static_out.float().cpu().numpy()
+            return replayed
         with torch.inference_mode():
-            return self.model(x).float().cpu().numpy()
+            out: np.ndarray = self.model(x).float().cpu().numpy()
+            return out
 
 
 def _torch(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
     if a.torch_model is None:
-        raise EngineUnavailable("unavailable: no torch model")
+        raise EngineUnavailable("no torch model")
     return TorchEngine(a.torch_model, threads=threads)
 
 
 def _torch_cuda(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
     if a.torch_model is None:
-        raise EngineUnavailable("unavailable: no torch model")
+        raise EngineUnavailable("no torch model")
     if not torch.cuda.is_available():
-        raise EngineUnavailable("unavailable: no CUDA GPU visible to torch")
+        raise EngineUnavailable("no CUDA GPU visible to torch")
     return TorchEngine(a.torch_model, device="cuda", fp16=a.precision in ("fp16", "int8"),
                        cuda_graphs=a.cuda_graphs, threads=threads)
 
@@ -228,16 +236,17 @@ class TensorRTEngine:
         self._in, self._out = inputs[0], outputs[0]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch (TensorRT execution context)."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
         if not self.context.set_input_shape(self._in, tuple(x.shape)):
             raise ExportError(f"batch shape {tuple(x.shape)} outside the engine's optimization profile",
-                              reason="bad_input")
+                              reason=Reason.BAD_INPUT)
         y = torch.empty(tuple(self.context.get_tensor_shape(self._out)), dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(self._in, x.data_ptr())
         self.context.set_tensor_address(self._out, y.data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ExportError("tensorrt execution failed", reason="inference_failed")
+            raise ExportError("tensorrt execution failed", reason=Reason.INFERENCE_FAILED)
         stream.synchronize()
         return y.cpu().numpy()
 
@@ -253,7 +262,7 @@ def _tensorrt(a: EngineArtifacts, threads: int | None) -> InferenceEngine:
     elif a.onnx_fp32 is not None:
         onnx_path, precision = a.onnx_fp32, "fp16" if a.precision in ("fp16", "int8") else "fp32"
     else:
-        raise EngineUnavailable("unavailable: no engine shipped and no ONNX to build one from")
+        raise EngineUnavailable("no engine shipped and no ONNX to build one from")
     built = build_engine(onnx_path, cache_dir=a.cache_dir or onnx_path.parent / "trt-cache",
                          precision=precision)  # type: ignore[arg-type]
     return TensorRTEngine(built.engine_path, name=f"tensorrt-{precision}")
@@ -282,13 +291,13 @@ def smoke_test(engine: InferenceEngine, input_shape: tuple[int, int, int]) -> No
     """One inference on a zero image: output must be (1, classes) and finite."""
     out = engine.predict(np.zeros((1, *input_shape), dtype=np.float32))
     if out.ndim != 2 or out.shape[0] != 1 or not np.all(np.isfinite(out)):
-        raise ExportError(f"smoke inference gave shape {out.shape} / non-finite values", reason="smoke_failed")
+        raise ExportError(f"smoke inference gave shape {out.shape} / non-finite values", reason=Reason.SMOKE_FAILED)
 
 
 class NoEngine(ExportError):
     """No engine of the chain could run; ``attempts`` says why each was skipped."""
 
-    reason = "no_engine"
+    reason = Reason.NO_ENGINE
 
     def __init__(self, attempts: list[EngineAttempt]) -> None:
         super().__init__("no inference engine available: " + "; ".join(f"{a.name}: {a.reason}" for a in attempts))

@@ -1,6 +1,4 @@
-"""ONNX FP32 → ONNX INT8 with QuantizeLinear/DequantizeLinear (QDQ) nodes, by onnxruntime static
-quantization calibrated on the coordinator's validation split (never on raw agent data), then
-verified against torch and checked to hold INT8 initializers.
+"""ONNX FP32 → ONNX INT8 with QuantizeLinear/DequantizeLinear (QDQ) nodes, by onnxruntime static quantization calibrated on the coordinator's validation split (never on raw agent data), then verified against torch and checked to hold INT8 initializers.
 
 Weights are per-channel symmetric int8. Activations are uint8 (affine) for CPU serving: on x86
 onnxruntime runs U8S8 convolutions with VNNI where the CPU has it; S8S8 activations ran ~2.5×
@@ -35,16 +33,17 @@ from onnxruntime.quantization import (
 
 from export.errors import BadArtifact, ExportError
 from export.onnx_export import INPUT_NAME, check_onnx
+from protocol.errors import Reason
 
 _INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 
 
-class ImageCalibrationReader(CalibrationDataReader):
+class ImageCalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
     """Feeds calibration images (N,C,H,W float32) to the quantizer in batches."""
 
     def __init__(self, images: np.ndarray, *, input_name: str = INPUT_NAME, batch_size: int = 16) -> None:
         if len(images) == 0:
-            raise ExportError("INT8 calibration needs at least one image", reason="no_calibration_data")
+            raise ExportError("INT8 calibration needs at least one image", reason=Reason.NO_CALIBRATION_DATA)
         self._images = np.ascontiguousarray(images, dtype=np.float32)
         self._input_name = input_name
         self._batch_size = batch_size
@@ -55,19 +54,23 @@ class ImageCalibrationReader(CalibrationDataReader):
             yield {self._input_name: self._images[i : i + self._batch_size]}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next calibration batch by input name, or ``None`` when all were fed."""
         return next(self._it, None)
 
     def rewind(self) -> None:
+        """Start again from the first batch."""
         self._it = self._batches()
 
 
 @dataclass(frozen=True)
 class Int8Check:
+    """What makes an INT8 model INT8: counts of int8 initializers and Q/DQ nodes."""
     int8_initializers: int
     quantize_nodes: int
     dequantize_nodes: int
 
     def as_dict(self) -> dict[str, float | int | str]:
+        """The counts as manifest verification fields."""
         return {"int8_initializers": self.int8_initializers, "quantize_nodes": self.quantize_nodes,
                 "dequantize_nodes": self.dequantize_nodes}
 
@@ -81,7 +84,7 @@ def check_int8(path: str | Path) -> Int8Check:
     weights = [t for t in model.graph.initializer if t.data_type in _INT8_TYPES and len(t.dims) >= 2]
     if not weights or result.quantize_nodes == 0 or result.dequantize_nodes == 0:
         raise BadArtifact(f"{path}: not an INT8 QDQ model ({result}, int8 weight tensors {len(weights)})",
-                          reason="not_int8")
+                          reason=Reason.NOT_INT8)
     return result
 
 
@@ -93,7 +96,7 @@ def _first_and_last(path: Path, op_types: tuple[str, ...]) -> list[str]:
     for n in (nodes[0], nodes[-1]):
         if not n.name:
             raise ExportError(f"unnamed {n.op_type} node; cannot exclude it from quantization",
-                              reason="quantization_failed")
+                              reason=Reason.QUANTIZATION_FAILED)
     return [nodes[0].name, nodes[-1].name]
 
 
@@ -118,7 +121,7 @@ def quantize_int8(
             # shape inference + graph clean-up (e.g. BatchNorm folding) before quantization, as advised
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         except Exception as exc:
-            raise ExportError(f"INT8 pre-processing failed: {exc}", reason="quantization_failed") from exc
+            raise ExportError(f"INT8 pre-processing failed: {exc}", reason=Reason.QUANTIZATION_FAILED) from exc
         extra = {"ActivationSymmetric": True} if for_tensorrt else {}
         exclude = _first_and_last(pre, op_types) if keep_first_last_float else []
         try:
@@ -137,5 +140,5 @@ def quantize_int8(
                 extra_options=extra,
             )
         except Exception as exc:
-            raise ExportError(f"onnxruntime static quantization failed: {exc}", reason="quantization_failed") from exc
+            raise ExportError(f"onnxruntime static quantization failed: {exc}", reason=Reason.QUANTIZATION_FAILED) from exc
     return check_int8(out_path)

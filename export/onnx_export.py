@@ -21,6 +21,7 @@ from torch import nn
 from export.errors import BadArtifact, ExportError
 from export.verify import FP32_TOLERANCE, Tolerance, Verification, batched, compare_logits, torch_logits
 from learning.qat import is_qat, to_float
+from protocol.errors import Reason
 from protocol.manifest import InputSpec
 
 INPUT_NAME = "input"
@@ -29,6 +30,7 @@ MIN_OPSET = 17
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -45,7 +47,7 @@ def float_copy(model: nn.Module) -> nn.Module:
 def export_onnx(model: nn.Module, path: str | Path, *, input_spec: InputSpec, opset: int = MIN_OPSET) -> Path:
     """Write ``model`` as ONNX with a dynamic batch axis; input ``input`` (N,C,H,W), output ``logits``."""
     if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} < {MIN_OPSET}", reason="bad_opset")
+        raise ExportError(f"opset {opset} < {MIN_OPSET}", reason=Reason.BAD_OPSET)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     m = float_copy(model)
@@ -67,7 +69,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_spec: InputSpec, op
             )
     except Exception as exc:  # the exporter raises many types; all mean "no artifact"
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"torch.onnx.export failed: {exc}", reason="export_failed") from exc
+        raise ExportError(f"torch.onnx.export failed: {exc}", reason=Reason.EXPORT_FAILED) from exc
     try:
         check_onnx(tmp)
     except BadArtifact:
@@ -92,8 +94,10 @@ def check_onnx(path: str | Path) -> onnx.ModelProto:
 
 def cpu_session(path: str | Path, *, threads: int | None = None,
                 optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session tuned for latency: all graph optimizations, sequential
-    execution, ``threads`` intra-op threads (one inter-op). ``BadArtifact`` if it will not load."""
+    """An onnxruntime CPU session tuned for latency: all graph optimizations, sequential execution, ``threads`` intra-op threads (one inter-op).
+
+    ``BadArtifact`` if it will not load.
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

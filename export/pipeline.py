@@ -32,8 +32,8 @@ from export.verify import (
     compare_logits,
     torch_logits,
 )
+from firmware.profile import ExportTarget
 from protocol.manifest import Artifact, InputSpec
-from protocol.profile import ExportTarget
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ INT8_TRT_NAME = "model.int8-sym.onnx"
 
 def _artifact(kind: str, path: Path, out_dir: Path, verification: dict[str, float | int | str],
               target: str | None = None) -> Artifact:
-    return Artifact(kind=kind, uri=str(path.relative_to(out_dir)), sha256=sha256_file(path),  # type: ignore[arg-type]
+    return Artifact(kind=kind, uri=str(path.relative_to(out_dir)), sha256=sha256_file(path),
                     bytes=path.stat().st_size, target=target, verification=verification)
 
 

@@ -8,7 +8,7 @@ activations: ``export.int8.quantize_int8(..., for_tensorrt=True)``) and set INT8
 implicit-calibration API is deprecated since TensorRT 10.1).
 
 Where ``tensorrt`` or a CUDA GPU is absent, ``build_engine`` raises ``EngineUnavailable`` whose
-message starts with ``unavailable:`` and says why; no file is written, nothing pretends an
+reason is ``unavailable`` and the message says why; no file is written, nothing pretends an
 engine exists.
 """
 
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from export.errors import BadArtifact, EngineUnavailable, ExportError
+from export.errors import BadArtifact, EngineUnavailable, ExportError, describe
 from export.onnx_export import INPUT_NAME, check_onnx, sha256_file
+from protocol.errors import Reason
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,11 @@ Precision = Literal["fp32", "fp16", "int8"]
 
 
 def import_tensorrt() -> Any:
-    """The ``tensorrt`` module, or ``EngineUnavailable('unavailable: ...')``."""
+    """The ``tensorrt`` module, or ``EngineUnavailable`` (reason ``unavailable``)."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt  # type: ignore[import-not-found, unused-ignore]
     except Exception as exc:  # ImportError, or a broken install raising OSError on its libraries
-        raise EngineUnavailable(f"unavailable: tensorrt does not import ({type(exc).__name__}: {exc})") from exc
+        raise EngineUnavailable(f"tensorrt does not import ({type(exc).__name__}: {exc})") from exc
     return trt
 
 
@@ -44,7 +45,7 @@ def cuda_gpu_name() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise EngineUnavailable("unavailable: no CUDA GPU visible to torch")
+        raise EngineUnavailable("no CUDA GPU visible to torch")
     return str(torch.cuda.get_device_name(0))
 
 
@@ -54,7 +55,7 @@ def tensorrt_status() -> tuple[bool, str]:
         trt = import_tensorrt()
         gpu = cuda_gpu_name()
     except EngineUnavailable as exc:
-        return False, str(exc.args[0])
+        return False, describe(exc)
     return True, f"tensorrt {trt.__version__} on {gpu}"
 
 
@@ -126,7 +127,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"tensorrt cannot parse {onnx_path.name}: {errors}", reason="tensorrt_parse_failed")
+        raise ExportError(f"tensorrt cannot parse {onnx_path.name}: {errors}", reason=Reason.TENSORRT_PARSE_FAILED)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -138,7 +139,7 @@ def build_engine(
         ops = {n.op_type for n in model.graph.node}
         if "QuantizeLinear" not in ops:
             raise ExportError("an INT8 TensorRT engine needs an INT8 QDQ ONNX (explicit quantization)",
-                              reason="not_int8")
+                              reason=Reason.NOT_INT8)
         config.set_flag(trt.BuilderFlag.INT8)
 
     profile = builder.create_optimization_profile()
@@ -152,7 +153,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"tensorrt build of {onnx_path.name} ({precision}) failed; see the TensorRT log",
-                          reason="tensorrt_build_failed")
+                          reason=Reason.TENSORRT_BUILD_FAILED)
     tmp = engine_path.with_suffix(".engine.tmp")
     tmp.write_bytes(bytes(serialized))
     tmp.replace(engine_path)

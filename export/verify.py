@@ -41,6 +41,7 @@ class Verification:
     reference_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str]:
+        """The check as manifest verification fields (missing figures left out)."""
         out: dict[str, float | int | str] = {
             "samples": self.samples,
             "max_abs_diff": round(self.max_abs_diff, 8),
@@ -65,6 +66,7 @@ def torch_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 64) 
 
 
 def batched(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """``predict`` over ``images`` in batches of ``batch_size``, outputs concatenated."""
     outs = [predict(np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32))
             for i in range(0, len(images), batch_size)]
     return np.concatenate(outs, axis=0)

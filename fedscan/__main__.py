@@ -1,3 +1,5 @@
+"""``python -m fedscan``: the command line (``fedscan.cli``)."""
+
 from fedscan.cli import main
 
 main()

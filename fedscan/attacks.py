@@ -90,9 +90,11 @@ class ScaleAttack:
 
     @property
     def name(self) -> str:
+        """The attack's label in results (e.g. ``scale-10``)."""
         return f"scale{self.factor:g}"
 
     def __call__(self, agent_id: str, update: Tensors, base: Tensors) -> Tensors:
+        """The attacker's scaled delta; everyone else's update unchanged."""
         return scaled_delta(update, base, self.factor) if agent_id == self.attacker else update
 
 
@@ -106,9 +108,11 @@ class NoiseAttack:
 
     @property
     def name(self) -> str:
+        """The attack's label in results (e.g. ``noise10x``)."""
         return f"noise{self.multiple:g}x"
 
     def __call__(self, agent_id: str, update: Tensors, base: Tensors) -> Tensors:
+        """The attacker's noise update (seeded per agent and base); everyone else's unchanged."""
         if agent_id != self.attacker:
             return update
         rng = np.random.default_rng([int(self.seed), _digest(agent_id, base)])

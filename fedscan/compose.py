@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -12,136 +13,56 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI
+from torch.utils.data import TensorDataset
 
+from coordinator.dashboard import dashboard_router
+from coordinator.export_step import exporter_for
+from coordinator.fleet_view import FleetView, fleet_registry
+from coordinator.jobs import JobContext
 from coordinator.keys import ensure_signing_key
 from coordinator.model_repo import ModelRepository
+from coordinator.model_spec import initial_weights, model_spec_for, spec_normalize
 from coordinator.rollout import RolloutController, RolloutDriver
-from coordinator.rounds import Coordinator, ModelSpec, RoundSettings
+from coordinator.rounds import Coordinator, RoundSettings
+from coordinator.rounds.settings import downlink_step_codec
+from coordinator.states import RoundMode
 from coordinator.store import BlobStore, open_store
-from coordinator.strategies import build_strategy
+from coordinator.validation_pass import ValidationPass, validation_batch_for
+from edge_agent.activation import EngineActivator
 from edge_agent.agent import AgentSettings, EdgeAgent
-from learning.calibration import expected_calibration_error, fit_temperature, softmax
-from learning.datasets import ArrayDataset, load_medmnist
-from learning.metrics import metrics_from_logits, predict_logits
-from learning.models import build_model, model_kwargs_for
-from learning.state import get_tensors, set_tensors
+from edge_agent.api import create_app
+from edge_agent.api.anomaly_routes import anomaly_router
+from edge_agent.api.segment_routes import segment_router
+from edge_agent.api.settings import ApiSettings
+from edge_agent.audit import AuditLog
+from edge_agent.dicom_scp import DicomSCP
+from edge_agent.engine_report import EngineReport
+from edge_agent.gates import GateController
+from edge_agent.listeners import announce, bind_host
+from edge_agent.metrics import AgentMetrics, metrics_router
+from edge_agent.serving import ServedModel
+from edge_agent.store import LocalStore
+from edge_agent.telemetry import TelemetryPublisher, TelemetrySampler, period_from_profile
+from edge_agent.trust import trust_for_agent
+from fedscan.classify_job import load_agent_data
+from fedscan.http import BackgroundServer
+from fedscan.jobs import agent_trainers, anomaly_server_for, coordinator_jobs, load_job_data, segment_server_for
+from firmware.profile import FirmwareProfile
+from learning.data_source import DataSource
+from protocol.broker_address import parse_broker_list, parse_proxy
 from protocol.codec import Tensors
-from protocol.manifest import Artifact, Calibration, InputSpec, ValidationBatch
+from protocol.manifest import Manifest
 from protocol.messages import Status, TrainingConfig
-from protocol.profile import FirmwareProfile
-from protocol.tensors import tensor_hash
 from protocol.topics import Topics
 from protocol.transport import MqttTransport, TlsConfig
-from protocol.validation_batch import encode_batch
+
+__all__ = [  # what the CLI, benches and tests take from the composition root
+    "AgentConfig", "CoordinatorConfig", "ValidationPass", "build_edge_services", "exporter_for", "initial_weights",
+    "load_agent_data", "model_spec_for", "run_agent", "run_coordinator", "spec_normalize", "validation_batch_for",
+]
 
 log = logging.getLogger("fedscan")
-
-
-def model_spec_for(profile: FirmwareProfile) -> ModelSpec:
-    kwargs = model_kwargs_for(
-        profile.model.architecture, in_channels=profile.input.channels, num_classes=len(profile.model.classes),
-        height=profile.input.height, norm=profile.model.norm, width=profile.model.width,
-    )
-    return ModelSpec(
-        architecture=profile.model.architecture, kwargs=kwargs, classes=list(profile.model.classes),
-        input=InputSpec(channels=profile.input.channels, height=profile.input.height, width=profile.input.width),
-        preprocessing=[s.model_dump() for s in profile.preprocessing],
-    )
-
-
-def initial_weights(spec: ModelSpec, seed: int) -> Callable[[], Tensors]:
-    def make() -> Tensors:
-        torch.manual_seed(seed)
-        return get_tensors(build_model(spec.architecture, **spec.kwargs))
-
-    return make
-
-
-class ValidationPass:
-    """The coordinator's look at a model on its validation split: one forward pass per model feeds
-    both the round's metrics and the temperature the manifest ships (they used to be two passes,
-    the larger part of the per-round time the agents spend waiting). The logits of the last model
-    seen are kept, keyed by its tensor hash."""
-
-    def __init__(self, spec: ModelSpec, data: ArrayDataset, prefix: str = "val_") -> None:
-        if len(data) == 0:
-            raise ValueError("the validation split is empty")
-        self.spec, self.data, self.prefix = spec, data, prefix
-        self._last: tuple[str, np.ndarray] | None = None
-
-    def logits(self, tensors: Tensors) -> np.ndarray:
-        key = tensor_hash(tensors)
-        if self._last is None or self._last[0] != key:
-            model = build_model(self.spec.architecture, **self.spec.kwargs)
-            set_tensors(model, tensors)
-            self._last = (key, predict_logits(model, self.data)[1])
-        return self._last[1]
-
-    def metrics(self, tensors: Tensors) -> dict[str, float]:
-        r = metrics_from_logits(self.data.labels, self.logits(tensors))
-        out = {f"{self.prefix}{k}": r[k] for k in ("accuracy", "balanced_accuracy", "auc", "loss")}
-        return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
-
-    def calibration(self, tensors: Tensors) -> Calibration:
-        """Temperature scaling fitted on the validation split, with ECE before and after."""
-        logits, labels = self.logits(tensors), self.data.labels
-        t = fit_temperature(logits, labels)
-        return Calibration(temperature=t, fitted_on="validation",
-                           ece_before=expected_calibration_error(softmax(logits), labels),
-                           ece_after=expected_calibration_error(softmax(logits, t), labels))
-
-
-def validation_batch_for(data: ArrayDataset, seed: int, per_class: int = 16) -> ValidationBatch:
-    """A class-balanced labelled batch of model inputs from the coordinator's validation split, shipped
-    in each manifest for the rollout's on-box accuracy gate."""
-    rng = np.random.default_rng(seed)
-    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(data.labels == c))[:per_class]
-                                  for c in np.unique(data.labels)]))
-    x, y = data.subset(idx).to_tensor_dataset().tensors
-    return encode_batch(x.numpy(), y.numpy())
-
-
-def tls_config(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfig | None:
-    """mTLS settings from CLI paths: all three, or none (plain TCP, for a loopback broker only)."""
-    given = [p is not None for p in (ca, cert, key)]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ValueError("--tls-ca, --tls-cert and --tls-key go together")
-    for p in (ca, cert, key):
-        assert p is not None
-        if not p.is_file():
-            raise ValueError(f"TLS file {p} does not exist")
-    return TlsConfig(str(ca), str(cert), str(key))
-
-
-def exporter_for(spec: ModelSpec, data: ArrayDataset, profile: FirmwareProfile
-                 ) -> Callable[[Tensors, Path], list[Artifact]]:
-    """Export each accepted model once: ONNX FP32 and INT8 (calibrated on 128 validation images), and
-    a TensorRT engine per CUDA target where ``tensorrt`` imports; each verified against torch on
-    256 other validation images before it is listed in the manifest."""
-    from export.pipeline import export_model
-
-    order = np.random.default_rng(0).permutation(len(data))
-    calib, _ = data.batch(order[:128])
-    verify, verify_y = data.batch(order[128:384])
-    targets = list(profile.export.targets) if profile.export else []
-
-    def run(tensors: Tensors, out: Path) -> list[Artifact]:
-        model = build_model(spec.architecture, **spec.kwargs)
-        set_tensors(model, tensors)
-        return export_model(model.eval(), input_spec=spec.input, calib_images=calib.numpy(),
-                            verify_images=verify.numpy(), verify_labels=verify_y.numpy(), out_dir=out,
-                            targets=targets, threads=1)
-
-    return run
-
-
-def parse_broker(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"broker address {address!r} must be HOST:PORT")
-    return host, int(port)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -154,6 +75,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 @dataclass
 class CoordinatorConfig:
+    """Everything ``fedscan coordinator`` is started with (see its options)."""
     state_dir: Path
     broker: str
     profile: FirmwareProfile
@@ -165,28 +87,31 @@ class CoordinatorConfig:
     strategy_args: dict[str, Any] = field(default_factory=dict)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     codec: str = "raw"
+    chunk_bytes: int = 256 * 1024  # update chunk size, and chunks in flight per agent (RoundSettings)
+    window: int = 8
+    downlink_codec: str | None = None  # None: the profile's compression.downlink ("xor|zstd": exact)
     seed: int = 0
     fleet: str = "default"
     rollout: str = "auto"  # auto | manual: how models get served (coordinator/lifecycle.py)
     mode: str = "sync"  # sync | async (buffered: min_clients updates close a round, stale ones count less)
     max_staleness: int = 4
     tls: TlsConfig | None = None  # mutual TLS to the broker (deploy/pki, deploy/mosquitto)
+    insecure_plaintext_mqtt: bool = False  # plain MQTT to a non-loopback broker: FEDSCAN_ENV=development only
     store_url: str | None = None
     threads: int | None = None
     exit_when_done: bool = False
     export: bool = True  # ONNX FP32/INT8 (+ TensorRT per CUDA target) per model, verified on validation images
     http_port: int | None = None  # dashboard + /metrics on 127.0.0.1
     http_host: str = "127.0.0.1"
+    job: str = "classify"  # protocol.jobs.Job: what the federation trains (fedscan.jobs)
+    job_options: dict[str, str] = field(default_factory=dict)  # the job's own options (--job-option KEY=VALUE)
+    val_source: DataSource | None = None  # classify: what --val-data is (npz or labelled folder, learning/data_source.py)
+    val_indices: Path | None = None  # .npy positions or .txt ids: the coordinator's share of --val-data
+    select_metric: str | None = "val_auc"  # auto rollout serves the best validated round model; None: the latest
 
 
 def coordinator_app(store: Any, view: Any, rounds: int) -> Any:
     """The coordinator's HTTP face: fleet dashboard and Prometheus /metrics with the fleet view."""
-    from fastapi import FastAPI
-
-    from coordinator.dashboard import dashboard_router
-    from coordinator.fleet_view import fleet_registry
-    from edge_agent.metrics import metrics_router
-
     def round_info() -> dict[str, Any] | None:
         r = store.latest_round()
         if r is None:
@@ -201,47 +126,46 @@ def coordinator_app(store: Any, view: Any, rounds: int) -> Any:
 
 
 def run_coordinator(cfg: CoordinatorConfig) -> int:
+    """Wire and run a coordinator process until its rounds are done (or it is stopped); the exit code."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    # the job's model, aggregation step and validation (fedscan.jobs); refused before anything starts
+    plan = coordinator_jobs().plan(cfg.job, JobContext(
+        profile=cfg.profile, val_data=cfg.val_data, seed=cfg.seed, rounds=cfg.rounds, strategy=cfg.strategy,
+        strategy_args=cfg.strategy_args, export=cfg.export, options=cfg.job_options, val_source=cfg.val_source,
+        val_indices=cfg.val_indices))
     store = open_store(cfg.store_url or f"sqlite:///{cfg.state_dir / 'state.db'}")
-    spec = model_spec_for(cfg.profile)
-    evaluator = None
-    calibrator = None
-    exporter = None
-    vbatch = None
-    if cfg.val_data is not None:
-        val = load_medmnist(cfg.val_data, "val")
-        validation = ValidationPass(spec, val)
-        evaluator, calibrator = validation.metrics, validation.calibration
-        exporter = exporter_for(spec, val, cfg.profile) if cfg.export else None
-        vbatch = validation_batch_for(val, cfg.seed)
     topics = Topics(cfg.fleet)
-    host, port = parse_broker(cfg.broker)
+    brokers = parse_broker_list(cfg.broker)
     offline = Status(state="offline", role="coordinator").to_bytes()
-    transport = MqttTransport("coordinator", host, port, will=(topics.coordinator_status(), offline), tls=cfg.tls)
+    transport = MqttTransport("coordinator", brokers=brokers, will=(topics.coordinator_status(), offline), tls=cfg.tls,
+                              allow_plaintext=cfg.insecure_plaintext_mqtt)
     transport.connect()
     coord = Coordinator(
         store=store, blobs=BlobStore(cfg.state_dir / "blobs"), repo=ModelRepository(cfg.state_dir / "models"),
-        transport=transport, topics=topics, strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
+        transport=transport, topics=topics, strategy=plan.strategy,
         settings=RoundSettings(rounds=cfg.rounds, min_clients=cfg.min_clients, deadline_s=cfg.deadline_s,
-                               training=cfg.training, codec=cfg.codec, seed=cfg.seed,
+                               training=cfg.training, codec=cfg.codec, chunk_bytes=cfg.chunk_bytes,
+                               window=cfg.window, seed=cfg.seed,
+                               downlink_codec=downlink_step_codec(cfg.downlink_codec, cfg.profile, cfg.codec),
                                rollout="manual" if cfg.rollout == "manual" else "auto",
-                               mode="async" if cfg.mode == "async" else "sync", max_staleness=cfg.max_staleness),
-        model_spec=spec, initial_tensors=initial_weights(spec, cfg.seed), evaluator=evaluator, calibrator=calibrator,
-        exporter=exporter,
-        signer=ensure_signing_key(cfg.state_dir), validation_batch=vbatch,
+                               mode=RoundMode.ASYNC if cfg.mode == "async" else RoundMode.SYNC,
+                               max_staleness=cfg.max_staleness, job=plan.job, job_params=plan.params,
+                               select_metric=cfg.select_metric if plan.evaluator is not None else None),
+        model_spec=plan.model_spec, initial_tensors=plan.initial_tensors, evaluator=plan.evaluator,
+        calibrator=plan.calibrator, exporter=plan.exporter,
+        signer=(signer := ensure_signing_key(cfg.state_dir)), validation_batch=plan.validation_batch,
     )
-    driver = RolloutDriver(RolloutController(store), transport, topics, publish_manifest=coord.publish_manifest)
+    driver = RolloutDriver(RolloutController(store), transport, topics, publish_manifest=coord.publish_manifest,
+                           signer=signer)
     coord.report_listeners.append(driver.on_report)
     stop = threading.Event()
     _stop_on_signals(stop)
     server = None
     if cfg.http_port is not None:
-        from coordinator.fleet_view import FleetView
-        from fedscan.http import BackgroundServer
 
-        view = FleetView(topics, accept=lambda agent: store.get_agent(agent) is not None)
+        view = FleetView(topics, accept=lambda agent: store.get_agent(agent) is not None, roster=store)
         view.attach(transport)
         server = BackgroundServer(coordinator_app(store, view, cfg.rounds), cfg.http_host, cfg.http_port)
         server.start()
@@ -263,31 +187,28 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
 
 @dataclass
 class AgentConfig:
+    """Everything ``fedscan agent`` is started with (see its options)."""
     agent_id: str
     broker: str
     profile: FirmwareProfile
     state_dir: Path
     data: Path | None = None
-    indices: Path | None = None
+    indices: Path | None = None  # .npy positions or .txt image ids into data: the site's share
+    source: DataSource | None = None  # classify: what data is (npz, labelled folder, DICOM; learning/data_source.py)
     threads: int | None = None
     fleet: str = "default"
     tls: TlsConfig | None = None
-    trust: Path | None = None  # trusted model-signing keys; None: signatures not checked (logged)
+    proxy: str | None = None  # http://host:port: reach the broker through an HTTP CONNECT proxy
+    insecure_plaintext_mqtt: bool = False  # plain MQTT to a non-loopback broker: FEDSCAN_ENV=development only
+    trust: Path | None = None  # trusted model-signing keys (required; see edge_agent.trust)
+    insecure_unsigned_models: bool = False  # no trust store: FEDSCAN_ENV=development only
     http_port: int | None = None  # diagnosis API (FEDSCAN_API_TOKENS for bearer tokens)
-    http_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"  # bind address of the diagnosis API (edge_agent/listeners.py)
     dicom_port: int | None = None  # C-STORE listener
+    dicom_host: str = "127.0.0.1"  # bind address of the DICOM listener: the scanners' network, not the API's
     dicom_aets: tuple[str, ...] = ()
     telemetry: bool = True
     resource_gates: bool = True  # off when several simulated agents share one machine (demo, tests)
-
-
-def load_agent_data(data: Path | None, indices: Path | None) -> ArrayDataset | None:
-    if data is None:
-        return None
-    ds = load_medmnist(data, "train")
-    if indices is not None:
-        ds = ds.subset(np.load(indices))
-    return ds
 
 
 @dataclass
@@ -305,43 +226,24 @@ class EdgeServices:
             close()
 
 
-def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTransport) -> EdgeServices:
+def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTransport, *, metrics: AgentMetrics,
+                        store: LocalStore) -> EdgeServices:
     """Wire the diagnosis service, telemetry and resource gates around an agent (composition root)."""
-    from edge_agent.audit import AuditLog
-    from edge_agent.gates import GateController
-    from edge_agent.metrics import AgentMetrics
-    from edge_agent.serving import ServedModel
-    from edge_agent.store import LocalStore
-    from edge_agent.telemetry import TelemetryPublisher, TelemetrySampler, period_from_profile
-    from export.engines import EngineArtifacts, select_engine
-
     profile = cfg.profile
-    metrics = AgentMetrics()
     served = ServedModel()
-    store = LocalStore(cfg.state_dir / "local-store")
-    order = list(profile.export.engine_order) if profile.export else ["ort-cpu", "torch"]
-    threads = (profile.serving.threads if profile.serving else None) or 1
+    activator = EngineActivator(profile, agent.installer, served, report=agent.engine_report,
+                                cache_dir=cfg.state_dir / "engine-cache", on_version=metrics.set_model_version)
+    segmenter = segment_server_for(profile, cfg.state_dir)  # the segment job's /v1/segment model, or None
+    detector = anomaly_server_for(profile, cfg.state_dir, lambda: agent.dataset)  # /v1/anomaly model, or None
 
-    cpu_target = next((t for t in (profile.export.targets if profile.export else []) if t.device == "cpu"), None)
-    gpu_target = next((t for t in (profile.export.targets if profile.export else []) if t.device == "cuda"), None)
-
-    def activate(manifest: Any, tensors: Tensors) -> None:
-        from edge_agent.installer import build_from_manifest
-
-        local = {a.kind: agent.installer.artifact_path(manifest.version, a) for a in manifest.artifacts
-                 if agent.installer.has_artifact(manifest.version, a)
-                 and (a.kind != "tensorrt" or (gpu_target is not None and a.target == gpu_target.name))}
-        chosen = gpu_target or cpu_target
-        precision = chosen.precision if chosen is not None else "fp32"
-        artifacts = EngineArtifacts(onnx_fp32=local.get("onnx-fp32"), onnx_int8=local.get("onnx-int8"),
-                                    tensorrt_engine=local.get("tensorrt"), precision=precision,
-                                    torch_model=build_from_manifest(manifest, tensors),
-                                    input_shape=(manifest.input.channels, manifest.input.height, manifest.input.width),
-                                    cache_dir=cfg.state_dir / "engine-cache")
-        engine, attempts = select_engine(artifacts, order, threads=threads)
-        served.swap_manifest(manifest, engine, default_preprocessing=profile.preprocessing)
-        metrics.set_model_version(manifest.version)
-        agent.engine_report = {"engine": engine.name, "skipped": {a.name: a.reason for a in attempts if not a.ok}}
+    def activate(manifest: Manifest, tensors: Tensors) -> None:
+        taken = (segmenter is not None and segmenter.activate(manifest, tensors)) or (
+            detector is not None and detector.activate(manifest, tensors))
+        if taken:  # torch, with the site's own local tensors
+            metrics.set_model_version(manifest.version)
+            agent.engine_report.set("torch", {})
+            return
+        activator(manifest, tensors)
 
     agent.installer.add_listener(activate)
     if cfg.resource_gates:
@@ -350,7 +252,6 @@ def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTrans
         log.warning("resource gates are off (co-located simulation): only inference requests pause training")
         gates = GateController(None, None, hook=agent.pause, on_change=metrics.on_gate_change)
     gates.start()
-    agent.training_observer = metrics
     svc = EdgeServices(served, store, metrics, gates, [gates.stop])
     if cfg.telemetry:
         sampler = TelemetrySampler(disk_path=str(cfg.state_dir), inference=metrics.inference_summary,
@@ -361,54 +262,55 @@ def build_edge_services(cfg: AgentConfig, agent: EdgeAgent, transport: MqttTrans
         publisher.start()
         svc.closers.append(publisher.stop)
     if cfg.http_port is not None or cfg.dicom_port is not None:
-        from edge_agent.api import create_app
-        from edge_agent.api.settings import ApiSettings
-        from edge_agent.metrics import metrics_router
-        from fedscan.http import BackgroundServer
 
         audit = AuditLog(cfg.state_dir / "audit.jsonl")
         app = create_app(ApiSettings.from_env(), served, store, audit, accept=profile.input, serving=profile.serving,
                          on_inference_request=[gates.on_inference_request],
                          on_result=[metrics.observe_inference, gates.on_inference_done],
-                         extra_routers=[metrics_router(metrics.registry)])
+                         extra_routers=[metrics_router(metrics.registry), anomaly_router(detector, profile.input,
+                                                                                          job=profile.job)] + (
+                             [segment_router(segmenter, profile.input)] if segmenter is not None else []),
+                         job=profile.job)
         if cfg.http_port is not None:
             server = BackgroundServer(app, cfg.http_host, cfg.http_port)
             server.start()
             svc.closers.append(server.stop)
-            log.info("diagnosis API on http://%s:%d/v1/diagnose", cfg.http_host, cfg.http_port)
+            announce("diagnosis API (/v1/diagnose)", cfg.http_host, cfg.http_port)
         if cfg.dicom_port is not None:
-            from edge_agent.dicom_scp import DicomSCP
 
-            scp = DicomSCP(app.state.service, allowed_calling_aets=list(cfg.dicom_aets), host=cfg.http_host,
+            scp = DicomSCP(app.state.service, allowed_calling_aets=list(cfg.dicom_aets), host=cfg.dicom_host,
                            port=cfg.dicom_port)
-            scp.start()
+            announce(f"DICOM listener (AE {scp.ae.ae_title})", cfg.dicom_host, scp.start())
             svc.closers.append(scp.stop)
     return svc
 
 
 def run_agent(cfg: AgentConfig, stop: threading.Event | None = None) -> int:
+    """Wire and run an edge agent process until it is stopped; the exit code."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     topics = Topics(cfg.fleet)
-    host, port = parse_broker(cfg.broker)
-    dataset = load_agent_data(cfg.data, cfg.indices)
-    from protocol.signing import TrustStore
-
-    trust = TrustStore.load(cfg.trust) if cfg.trust is not None else None
+    brokers = parse_broker_list(cfg.broker)
+    proxy = parse_proxy(cfg.proxy) if cfg.proxy else None
+    dataset = load_job_data(cfg.profile, cfg.data, cfg.indices, site=cfg.agent_id, source=cfg.source)
+    bind_host(cfg.http_host, "HTTP API")  # a typo stops the start (exit 2), not the first scanner
+    bind_host(cfg.dicom_host, "DICOM listener")
+    trust = trust_for_agent(cfg.trust, insecure_unsigned_models=cfg.insecure_unsigned_models,
+                            environment=os.environ.get("FEDSCAN_ENV", "production"))
     settings = AgentSettings(cfg.agent_id, cfg.profile, cfg.state_dir, fleet=cfg.fleet, threads=cfg.threads,
-                             trust=trust)
+                             trust=trust, insecure_unsigned_models=trust is None)
     offline = Status(state="offline", role="agent", profile=cfg.profile.name).to_bytes()
-    transport = MqttTransport(cfg.agent_id, host, port, will=(topics.status(cfg.agent_id), offline), tls=cfg.tls)
+    transport = MqttTransport(cfg.agent_id, brokers=brokers, proxy=proxy, will=(topics.status(cfg.agent_id), offline),
+                              tls=cfg.tls, allow_plaintext=cfg.insecure_plaintext_mqtt)
     transport.connect()
-    agent = EdgeAgent(settings, transport, dataset)
-    services = build_edge_services(cfg, agent, transport)
-    if dataset is None:
-        agent.dataset_provider = lambda: _confirmed_examples(services.store, cfg.profile)
+    metrics, store = AgentMetrics(), LocalStore(cfg.state_dir / "local-store")
+    provider = (lambda: _confirmed_examples(store, cfg.profile)) if dataset is None else None
+    agent = EdgeAgent(settings, transport, dataset, dataset_provider=provider, training_observer=metrics,
+                      engine_report=EngineReport(), jobs=agent_trainers())
+    services = build_edge_services(cfg, agent, transport, metrics=metrics, store=store)
     stop = stop or threading.Event()
     _stop_on_signals(stop)
-    if agent.installer.active_version is not None:
-        agent.installer.activate(agent.installer.active_version)  # serve what we served before a restart
-    agent.start()
+    agent.start()  # serves what it served before a restart, verified against today's trust store
     log.info("agent %s up: %s, profile %s", cfg.agent_id,
              f"{len(dataset)} local examples" if dataset is not None else "training on confirmed findings",
              cfg.profile.name)
@@ -422,8 +324,6 @@ def run_agent(cfg: AgentConfig, stop: threading.Event | None = None) -> int:
 
 def _confirmed_examples(store: Any, profile: FirmwareProfile) -> Any:
     """Clinician-confirmed studies of the local store, as model inputs (already preprocessed)."""
-    from torch.utils.data import TensorDataset
-
     ex = store.training_examples(classes=list(profile.model.classes))
     if ex.y is None or len(ex.y) == 0:
         return None

@@ -1,6 +1,4 @@
-"""``fedscan demo``: a broker, a coordinator and N agents as separate processes, R rounds on real
-data split non-IID, then the same training centralized and per site alone; a table, a PNG plot
-and ``demo-report.json``."""
+"""``fedscan demo``: a broker, a coordinator and N agents as separate processes, R rounds on real data split non-IID, then the same training centralized and per site alone; a table, a PNG plot and ``demo-report.json``."""
 
 from __future__ import annotations
 
@@ -18,15 +16,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.keys import ensure_signing_key, trust_path
+from coordinator.model_repo import ModelRepository
+from coordinator.model_spec import model_spec_for
 from coordinator.store import open_store
 from fedscan import experiments
 from fedscan.broker import local_broker, stop_processes
-from fedscan.compose import model_spec_for
+from firmware.profile import find_profile
 from learning.data_path import find_data_file, warn_generated
 from learning.datasets import ArrayDataset, load_medmnist, make_synthetic
 from learning.partition import dirichlet_label_skew
 from protocol.messages import TrainingConfig
-from protocol.profile import find_profile
 
 log = logging.getLogger("fedscan.demo")
 console = Console()
@@ -34,6 +34,7 @@ console = Console()
 
 @dataclass
 class DemoConfig:
+    """The settings of ``fedscan demo``."""
     out: Path = Path("demo-out")
     data: str | None = None
     profile: str = "xray-cxr-28"
@@ -47,6 +48,7 @@ class DemoConfig:
     loss: str = "balanced_ce"
     strategy: str = "fedavg"
     codec: str = "raw"
+    downlink_codec: str | None = None  # None: the profile's compression.downlink
     broker: str = "auto"
     timeout_s: float = 900.0
 
@@ -72,6 +74,7 @@ def _spawn(args: list[str], log_path: Path, threads: int) -> subprocess.Popen[by
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run the demo end to end and return its report (also written to ``cfg.out``)."""
     t_start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     profile = find_profile(cfg.profile)
@@ -80,7 +83,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train = splits["train"]
     parts = dirichlet_label_skew(train.labels, cfg.agents, cfg.alpha, seed=cfg.seed)
     sites = [f"site-{i + 1}" for i in range(cfg.agents)]
-    training = TrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, loss=cfg.loss)  # type: ignore[arg-type]
+    training = TrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, loss=cfg.loss)
     console.print(f"[bold]fedscan demo[/]: {len(sites)} sites, {cfg.rounds} rounds, {cfg.local_epochs} local epoch(s), "
                   f"Dirichlet α={cfg.alpha}, data {data_path}")
     for name, idx in zip(sites, parts, strict=True):
@@ -94,6 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(coord_dir)
     coord_dir.mkdir(parents=True)
     store = open_store(f"sqlite:///{coord_dir / 'state.db'}")
+    ensure_signing_key(coord_dir)  # models are signed with it; every agent verifies against keys/trust.json
     for name, idx in zip(sites, parts, strict=True):
         site_dir = cfg.out / "sites" / name
         if site_dir.exists():
@@ -113,14 +117,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                         "--val-data", str(data_path), "--rounds", str(cfg.rounds), "--min-clients", str(cfg.agents),
                         "--local-epochs", str(cfg.local_epochs), "--batch-size", str(cfg.batch_size),
                         "--lr", str(cfg.lr), "--loss", cfg.loss, "--strategy", cfg.strategy, "--codec", cfg.codec,
-                        "--seed", str(cfg.seed), "--threads", "1"], coord_dir / "coordinator.log", 1)
+                        "--seed", str(cfg.seed), "--threads", "1",
+                        *(["--downlink-codec", cfg.downlink_codec] if cfg.downlink_codec else [])],
+                       coord_dir / "coordinator.log", 1)
         procs.append(coord)
         for name in sites:
             site_dir = cfg.out / "sites" / name
             procs.append(_spawn(["agent", "--id", name, "--broker", addr, "--profile", cfg.profile,
                                  "--state", str(site_dir / "state"), "--data", str(data_path),
                                  "--indices", str(site_dir / "indices.npy"), "--threads", str(threads),
-                                 "--no-resource-gates"],
+                                 "--no-resource-gates", "--trust", str(trust_path(coord_dir))],
                                 site_dir / "agent.log", threads))
         try:
             _follow(store, coord, cfg)
@@ -129,8 +135,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if coord.returncode not in (0, None):
         raise RuntimeError(f"coordinator exited with {coord.returncode}; see {coord_dir / 'coordinator.log'}")
     fed_seconds = time.perf_counter() - t_start
-
-    from coordinator.model_repo import ModelRepository
 
     repo = ModelRepository(coord_dir / "models")
     last = store.latest_round()
@@ -156,8 +160,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _follow(store: Any, coord: subprocess.Popen[bytes], cfg: DemoConfig) -> None:
-    """Print each round as it completes; return once all rounds are done and every agent
-    reports serving the final model (or 60 s after the last round)."""
+    """Print each round as it completes.
+
+    Return once all rounds are done and every agent reports serving the model it is told to serve
+    (or 60 s after the last round).
+    """
     deadline = time.monotonic() + cfg.timeout_s
     shown = complete = 0
     done_at: float | None = None
@@ -166,8 +173,10 @@ def _follow(store: Any, coord: subprocess.Popen[bytes], cfg: DemoConfig) -> None
             raise RuntimeError(f"coordinator exited early with {coord.returncode}")
         if complete >= cfg.rounds:
             done_at = done_at or time.monotonic()
-            final = store.latest_model().version
-            if all(a.reported_version == final for a in store.list_agents()) or time.monotonic() - done_at > 60:
+            # served: the best validated model (--select-metric), recorded active before its round completes
+            served = store.latest_model(state="active")
+            if (served is not None and all(a.reported_version == a.desired_version == served.version
+                                           for a in store.list_agents())) or time.monotonic() - done_at > 60:
                 return
         if time.monotonic() > deadline:
             raise TimeoutError(f"demo did not finish in {cfg.timeout_s:.0f}s")

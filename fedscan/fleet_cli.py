@@ -21,7 +21,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.store import Store
+from coordinator.keys import ensure_signing_key, load_trust, rotate, trust_path
+from coordinator.lifecycle import LifecycleError, transition
+from coordinator.presence import agent_presence
+from coordinator.rollout import GateConfig, RolloutController, RolloutError, stage_agents
+from coordinator.states import AgentPresence
+from coordinator.store import Store, open_store
 
 EXIT_REFUSED = 1
 
@@ -36,6 +41,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="model-signing keys (Ed25519)"
 
 
 def register(app: typer.Typer) -> None:
+    """Add the fleet commands (``fleet``, ``model``, ``rollout``, ``keys``) to ``app``."""
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(model_app, name="model")
     app.add_typer(rollout_app, name="rollout")
@@ -44,8 +50,6 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _store(state: Path, store_url: str | None) -> Iterator[Store]:
-    from coordinator.store import open_store
-
     if store_url is None and not (state / "state.db").exists():
         _fail(f"no coordinator state in {state} (use --state or --store-url)", "no_state", False)
     s = open_store(store_url or f"sqlite:///{state / 'state.db'}")
@@ -85,11 +89,14 @@ def fleet_ls(state: StateOpt = Path("fedscan-state"), store_url: StoreOpt = None
     """Enrolled agents: profile, tags, online, last seen, desired and reported model version."""
     with _store(state, store_url) as store:
         agents = store.list_agents()
+    now = time.time()  # presence as the dashboard shows it (coordinator.presence): one answer
+    presence = {a.agent_id: agent_presence(a, now) for a in agents}
     if as_json:
-        typer.echo(json.dumps([asdict(a) for a in agents], indent=1))
+        typer.echo(json.dumps([{**asdict(a), "online": presence[a.agent_id] is AgentPresence.ONLINE,
+                                "presence": presence[a.agent_id].value} for a in agents], indent=1))
         return
     _table(f"fleet ({len(agents)} agents)", ["agent", "profile", "tags", "online", "last seen", "desired", "reported"],
-           [[a.agent_id, a.profile, ",".join(a.tags), "yes" if a.online else "no", _ago(a.last_seen),
+           [[a.agent_id, a.profile, ",".join(a.tags), presence[a.agent_id].value, _ago(a.last_seen),
              a.desired_version, a.reported_version + ("" if a.reported_version == a.desired_version else " *")
              if a.reported_version else None] for a in agents])
 
@@ -120,8 +127,6 @@ def model_ls(state: StateOpt = Path("fedscan-state"), store_url: StoreOpt = None
 
 
 def _lifecycle(version: str, target: str, state: Path, store_url: str | None, as_json: bool) -> None:
-    from coordinator.lifecycle import LifecycleError, transition
-
     with _store(state, store_url) as store:
         try:
             rec = transition(store, version, target)
@@ -148,16 +153,12 @@ def model_retire(version: str, state: StateOpt = Path("fedscan-state"), store_ur
 
 # ---------------------------------------------------------------------------------- rollouts
 def _rollout_json(r: Any) -> dict[str, Any]:
-    from coordinator.rollout import stage_agents
-
     d = asdict(r)
     d["stage_agents"] = stage_agents(r)
     return d
 
 
 def _print_rollout(store: Store, r: Any, as_json: bool) -> None:
-    from coordinator.rollout import stage_agents
-
     if as_json:
         typer.echo(json.dumps(_rollout_json(r), indent=1))
         return
@@ -173,9 +174,6 @@ def _print_rollout(store: Store, r: Any, as_json: bool) -> None:
 
 
 def _controller(store: Store, state: Path | None = None) -> Any:
-    from coordinator.keys import load_trust
-    from coordinator.rollout import RolloutController
-
     return RolloutController(store, trust=load_trust(state) if state is not None else None)
 
 
@@ -195,8 +193,6 @@ def rollout_start(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a staged rollout of an approved model to a cohort (signature checked against keys/trust.json)."""
-    from coordinator.rollout import GateConfig, RolloutError
-
     try:
         percents = [float(p) for p in stages.split(",") if p.strip()]
     except ValueError:
@@ -220,8 +216,6 @@ def rollout_status(rollout_id: Annotated[int | None, typer.Argument(help="defaul
                    state: StateOpt = Path("fedscan-state"), store_url: StoreOpt = None, as_json: JsonOpt = False,
                    all_: Annotated[bool, typer.Option("--all", help="list every rollout")] = False) -> None:
     """Where a rollout is: stage, agents reached, desired vs reported versions."""
-    from coordinator.rollout import RolloutError
-
     with _store(state, store_url) as store:
         if all_:
             rs = store.list_rollouts()
@@ -241,8 +235,6 @@ def rollout_status(rollout_id: Annotated[int | None, typer.Argument(help="defaul
 
 
 def _command(name: str, rollout_id: int | None, state: Path, store_url: str | None, as_json: bool) -> None:
-    from coordinator.rollout import RolloutError
-
     with _store(state, store_url) as store:
         c = _controller(store)
         try:
@@ -281,8 +273,6 @@ def rollout_rollback(rollout_id: RolloutArg = None, state: StateOpt = Path("feds
 @keys_app.command("ls")
 def keys_ls(state: StateOpt = Path("fedscan-state"), as_json: JsonOpt = False) -> None:
     """The current signing key and the trust store agents should hold."""
-    from coordinator.keys import ensure_signing_key, load_trust, trust_path
-
     current = ensure_signing_key(state).key_id
     trust = load_trust(state)
     if as_json:
@@ -298,10 +288,10 @@ def keys_ls(state: StateOpt = Path("fedscan-state"), as_json: JsonOpt = False) -
 def keys_rotate(state: StateOpt = Path("fedscan-state"),
                 retire_old: Annotated[bool, typer.Option(help="stop trusting the old key at once")] = False,
                 as_json: JsonOpt = False) -> None:
-    """New signing key, announced signed by the old one. Restart the coordinator to sign with it, and
-    provision the updated keys/trust.json to the agents."""
-    from coordinator.keys import rotate
+    """New signing key, announced signed by the old one.
 
+    Restart the coordinator to sign with it, and provision the updated keys/trust.json to the agents.
+    """
     ann = rotate(state, retire_old=retire_old)
     if as_json:
         typer.echo(ann.model_dump_json())

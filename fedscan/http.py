@@ -10,12 +10,14 @@ from fastapi import FastAPI
 
 
 class BackgroundServer:
+    """A uvicorn server for a FastAPI app on a daemon thread."""
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name=f"http-{port}", daemon=True)
         self.host, self.port = host, port
 
     def start(self, timeout: float = 15.0) -> None:
+        """Start serving; ``RuntimeError`` if it is not up within ``timeout`` s."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -24,5 +26,6 @@ class BackgroundServer:
             time.sleep(0.02)
 
     def stop(self) -> None:
+        """Ask the server to exit and wait for its thread."""
         self.server.should_exit = True
         self.thread.join(timeout=10)

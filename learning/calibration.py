@@ -1,5 +1,7 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T > 0 so that softmax(logits / T) is
-calibrated on a held-out set (the coordinator's validation split). Pure functions."""
+"""Temperature scaling (Guo et al. 2017): one scalar T > 0 so that softmax(logits / T) is calibrated on a held-out set (the coordinator's validation split).
+
+Pure functions.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from scipy.optimize import minimize_scalar
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return out
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
     lp = _log_softmax(np.asarray(logits, np.float64) / temperature)
     return float(-lp[np.arange(len(labels)), labels].mean())
 
@@ -43,4 +47,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return np.exp(_log_softmax(np.asarray(logits, np.float64) / temperature))
+    """Class probabilities of ``logits`` at ``temperature`` (float64, numerically stable)."""
+    probs: np.ndarray = np.exp(_log_softmax(np.asarray(logits, np.float64) / temperature))
+    return probs

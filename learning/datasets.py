@@ -1,23 +1,24 @@
-"""In-memory image datasets: MedMNIST npz, image folders (PNG/JPEG + CSV), DICOM files, generated demo data.
+"""In-memory image datasets: the :class:`ArrayDataset` container, MedMNIST npz, generated demo data.
 
-Everything loads into an :class:`ArrayDataset` (images as numpy, labels int64, class names).
+Everything loads into an :class:`ArrayDataset` (images as numpy, labels int64, class names, and
+optionally an id per image). Folders of image files (CSV or JSON-metadata labels, DICOM) load in
+``learning/folders.py``; the file decoding they share is ``learning/image_files.py``.
 Tensors are made per batch (:meth:`ArrayDataset.batch`), so a large uint8 set is not copied
 to float32 all at once. Bad input raises :class:`DatasetError` naming the file and the problem.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
 from learning.data_path import find_data_file, warn_generated
+from protocol.errors import FedscanError, Reason
 
 Normalize = tuple[float | Sequence[float], float | Sequence[float]]
 DEFAULT_NORMALIZE: Normalize = (0.5, 0.25)  # firmware_configs/xray-cxr-28.yaml
@@ -25,18 +26,25 @@ SPLITS = ("train", "val", "test")
 KNOWN_CLASSES = {"pneumoniamnist": ["normal", "pneumonia"]}
 
 
-class DatasetError(ValueError):
+class DatasetError(FedscanError, ValueError):
     """Input that cannot become a dataset: missing keys, mismatched lengths, unreadable images."""
+
+    reason = Reason.BAD_DATASET
 
 
 @dataclass
 class ArrayDataset:
-    """Images ``(N, H, W)`` or ``(N, H, W, C)`` (uint8 in [0, 255], or float already in [0, 1]),
-    labels int64 ``(N,)`` in ``[0, len(classes))``, and the class names."""
+    """Images, labels, class names and (optionally) image ids.
+
+    Images are ``(N, H, W)`` or ``(N, H, W, C)`` (uint8 in [0, 255], or float already in [0, 1]),
+    labels int64 ``(N,)`` in ``[0, len(classes))``; ``ids`` (empty, or one string per image, e.g.
+    the file name without suffix) follow every :meth:`subset`.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     classes: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         images = np.asarray(self.images)
@@ -60,28 +68,36 @@ class ArrayDataset:
             raise DatasetError(
                 f"labels span [{labels.min()}, {labels.max()}] but there are {len(self.classes)} classes"
             )
-        self.images, self.labels, self.classes = images, labels, list(self.classes)
+        if self.ids and len(self.ids) != len(labels):
+            raise DatasetError(f"{len(self.ids)} ids for {len(labels)} images")
+        self.images, self.labels, self.classes, self.ids = images, labels, list(self.classes), list(self.ids)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
     def num_classes(self) -> int:
+        """How many classes the dataset names."""
         return len(self.classes)
 
     @property
     def channels(self) -> int:
+        """1 for grayscale (N, H, W) images, else the trailing channel count."""
         return 1 if self.images.ndim == 3 else int(self.images.shape[3])
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the images."""
         return int(self.images.shape[1]), int(self.images.shape[2])
 
     def subset(self, indices: np.ndarray | Sequence[int]) -> ArrayDataset:
+        """The images at ``indices`` (in that order), with the same classes and their ids."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ArrayDataset(self.images[idx], self.labels[idx], list(self.classes))
+        ids = [self.ids[i] for i in idx] if self.ids else []
+        return ArrayDataset(self.images[idx], self.labels[idx], list(self.classes), ids=ids)
 
     def class_counts(self) -> np.ndarray:
+        """Images per class, in class order."""
         return np.bincount(self.labels, minlength=self.num_classes)
 
     def batch(
@@ -93,17 +109,23 @@ class ArrayDataset:
         x = torch.from_numpy(np.ascontiguousarray(imgs))
         x = x.to(torch.float32).div_(255.0) if imgs.dtype == np.uint8 else x.to(torch.float32)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
-        if normalize is not None:
-            mean = torch.as_tensor(normalize[0], dtype=torch.float32).reshape(-1, 1, 1)
-            std = torch.as_tensor(normalize[1], dtype=torch.float32).reshape(-1, 1, 1)
-            if mean.numel() not in (1, x.shape[1]) or std.numel() not in (1, x.shape[1]):
-                raise DatasetError(f"normalize {normalize} does not fit {x.shape[1]} channel(s)")
-            x = (x - mean) / std
-        return x, torch.from_numpy(self.labels[idx].copy())
+        return normalize_tensor(x, normalize), torch.from_numpy(self.labels[idx].copy())
 
     def to_tensor_dataset(self, normalize: Normalize | None = DEFAULT_NORMALIZE) -> TensorDataset:
+        """All images and labels as a ``TensorDataset`` (see :meth:`batch`)."""
         x, y = self.batch(None, normalize)
         return TensorDataset(x, y)
+
+
+def normalize_tensor(x: torch.Tensor, normalize: Normalize | None) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of an NCHW batch in [0, 1]; ``None`` leaves it unchanged."""
+    if normalize is None:
+        return x
+    mean = torch.as_tensor(normalize[0], dtype=torch.float32).reshape(-1, 1, 1)
+    std = torch.as_tensor(normalize[1], dtype=torch.float32).reshape(-1, 1, 1)
+    if mean.numel() not in (1, x.shape[1]) or std.numel() not in (1, x.shape[1]):
+        raise DatasetError(f"normalize {normalize} does not fit {x.shape[1]} channel(s)")
+    return (x - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------- MedMNIST
@@ -143,7 +165,7 @@ def load_medmnist(path: str | Path, split: str = "train") -> ArrayDataset:
     try:
         return ArrayDataset(images, labels, _classes_for(p, num_classes))
     except DatasetError as e:
-        raise DatasetError(f"{p} [{split}]: {e}") from e
+        raise DatasetError(f"{p} [{split}]: {e.message}") from e
 
 
 def make_synthetic(n: int, seed: int = 0, size: int = 28) -> ArrayDataset:
@@ -176,146 +198,3 @@ def load_demo_splits(name: str = "pneumoniamnist.npz", *, allow_generated: bool 
         raise DatasetError(f"{name} not found in the shared data folder (set FEDSCAN_DATA)")
     warn_generated(f"dataset {name}")
     return {s: make_synthetic(n, seed=i) for i, (s, n) in enumerate(zip(SPLITS, (2000, 400, 400), strict=True))}
-
-
-# ---------------------------------------------------------------------------------------------- files
-# Files go through the same decoders (learning/dicom.py) and preprocessing steps
-# (learning/transforms.py) as the inference service, so training and serving see the same pixels.
-# The steps stop at [0, 1]; normalization happens per batch (ArrayDataset.batch), and the
-# [0, 1] values are stored as uint8 (a rounding of at most 1/510) to keep large sets small.
-
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
-_SUFFIX = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
-
-
-def unit_steps(size: tuple[int, int], channels: int = 1) -> list[dict[str, Any]]:
-    """The default chain from stored pixels to [0, 1] (the demo profile's steps without ``normalize``)."""
-    return [
-        {"op": "select_frame"},
-        {"op": "dicom_rescale"},
-        {"op": "invert_monochrome1"},
-        {"op": "window"},
-        {"op": "to_grayscale" if channels == 1 else "to_rgb"},
-        {"op": "resize", "height": size[0], "width": size[1]},
-        {"op": "scale_to_unit"},
-    ]
-
-
-def _op(step: Any) -> str | None:
-    return step.get("op") if isinstance(step, Mapping) else getattr(step, "op", None)
-
-
-def _content_type(path: Path, data: bytes) -> str:
-    if data[128:132] == b"DICM":
-        return "application/dicom"
-    for magic, ctype in _MAGIC:
-        if data.startswith(magic):
-            return ctype
-    return _SUFFIX.get(path.suffix.lower(), "application/octet-stream")
-
-
-class _FileDecoder:
-    """Path → uint8 ``(H, W)`` or ``(H, W, 3)`` through decode + preprocessing steps (``normalize`` dropped)."""
-
-    def __init__(self, size: tuple[int, int], channels: int, steps: Sequence[Any] | None) -> None:
-        from learning.transforms import build_pipeline
-        from protocol.profile import InputSection
-
-        if channels not in (1, 3):
-            raise DatasetError(f"channels must be 1 or 3, got {channels}")
-        chain = list(steps) if steps is not None else unit_steps(size, channels)
-        self.pipeline = build_pipeline([s for s in chain if _op(s) != "normalize"])
-        self.accept = InputSection(channels=channels, height=size[0], width=size[1])
-        self.size, self.channels = size, channels
-
-    def __call__(self, path: Path) -> np.ndarray:
-        from learning.dicom import ImageRejected, decode
-
-        data = path.read_bytes()  # FileNotFoundError / OSError: the caller names the file
-        try:
-            chw = self.pipeline(decode(data, _content_type(path, data), self.accept))
-        except ImageRejected as e:
-            raise DatasetError(f"{path}: {e}") from e
-        if chw.shape != (self.channels, *self.size):
-            raise DatasetError(f"{path}: preprocessing gave {chw.shape}, expected {(self.channels, *self.size)}")
-        hwc = np.round(np.clip(chw, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
-        return hwc[:, :, 0] if self.channels == 1 else hwc
-
-
-def _classes_and_indices(labels: Sequence[str | int], classes: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
-    names = [str(v).strip() for v in labels]
-    if classes is None:
-        numeric = all(n.lstrip("-").isdigit() for n in names)
-        classes = sorted(set(names), key=int) if numeric else sorted(set(names))
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(names) - set(lookup))
-    if unknown:
-        raise DatasetError(f"labels {unknown[:5]} are not among the classes {list(classes)}")
-    return list(classes), np.array([lookup[v] for v in names], dtype=np.int64)
-
-
-def _load_files(paths: Sequence[Path], decoder: _FileDecoder, listed_in: str) -> np.ndarray:
-    images = []
-    for path in paths:
-        try:
-            images.append(decoder(path))
-        except FileNotFoundError as e:
-            raise DatasetError(f"{path}: {listed_in} but missing") from e
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot read ({e})") from e
-    return np.stack(images)
-
-
-def load_image_folder(
-    root: str | Path,
-    labels_csv: str | Path,
-    *,
-    size: tuple[int, int] = (28, 28),
-    channels: int = 1,
-    classes: Sequence[str] | None = None,
-    steps: Sequence[Any] | None = None,
-) -> ArrayDataset:
-    """Image files (PNG, JPEG, also DICOM) under ``root`` listed in a CSV with header ``filename,label``.
-
-    Labels are class names (or integers as text); ``classes`` fixes their order, else they are
-    sorted (numerically when all are integers). Pixels go through ``steps`` (a firmware
-    profile's ``preprocessing``; its ``normalize`` is left to batch time) or :func:`unit_steps`.
-    """
-    root_p, csv_p = Path(root), Path(labels_csv)
-    try:
-        with csv_p.open(newline="") as f:
-            reader = csv.DictReader(f)
-            fields = set(reader.fieldnames or [])
-            if not {"filename", "label"} <= fields:
-                raise DatasetError(f"{csv_p}: needs columns 'filename,label', has {sorted(fields)}")
-            rows = [(r["filename"], r["label"]) for r in reader]
-    except OSError as e:
-        raise DatasetError(f"{csv_p}: cannot read ({e})") from e
-    if not rows:
-        raise DatasetError(f"{csv_p}: no rows")
-    if any(fn is None or lb is None or not fn.strip() or not lb.strip() for fn, lb in rows):
-        raise DatasetError(f"{csv_p}: a row has an empty filename or label")
-    class_names, y = _classes_and_indices([lb for _, lb in rows], classes)
-    decoder = _FileDecoder(size, channels, steps)
-    images = _load_files([root_p / fn.strip() for fn, _ in rows], decoder, f"listed in {csv_p.name}")
-    return ArrayDataset(images, y, class_names)
-
-
-def load_dicom_files(
-    paths: Sequence[str | Path],
-    labels: Sequence[int | str],
-    size: tuple[int, int] = (28, 28),
-    *,
-    channels: int = 1,
-    classes: Sequence[str] | None = None,
-    steps: Sequence[Any] | None = None,
-) -> ArrayDataset:
-    """Dataset from DICOM files: middle frame, Modality LUT (rescale slope/intercept), MONOCHROME1
-    inverted, VOI window from the file else min-max, grey, bilinear resize (:func:`unit_steps`)."""
-    if len(paths) != len(labels):
-        raise DatasetError(f"{len(paths)} DICOM paths but {len(labels)} labels")
-    if not paths:
-        raise DatasetError("no DICOM files given")
-    class_names, y = _classes_and_indices(labels, classes)
-    images = _load_files([Path(p) for p in paths], _FileDecoder(size, channels, steps), "given")
-    return ArrayDataset(images, y, class_names)

@@ -2,10 +2,11 @@
 
 Shared by training and inference: the decoders only turn bytes into pixels plus the few
 attributes the preprocessing steps need (``learning/transforms.py``); every check that can
-refuse an image lives here and raises :class:`ImageRejected` with a reason code and the HTTP
-status the service answers with. The decoders never log pixel values or patient attributes.
+refuse an image lives here and raises :class:`ImageRejected` with a reason code (the box's API
+maps it to an HTTP status in ``edge_agent/api/errors.py``). The decoders never log pixel values
+or patient attributes.
 
-Limits come from the firmware profile's ``input`` section (:class:`protocol.profile.InputSection`):
+Limits come from the firmware profile's ``input`` section (:class:`firmware.profile.InputSection`):
 accepted formats, DICOM modalities, bytes and pixels (checked from the header, before the
 pixels are decompressed, so a decompression bomb is refused without being decoded).
 """
@@ -13,6 +14,7 @@ pixels are decompressed, so a decompression bomb is refused without being decode
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,11 +22,12 @@ from typing import Literal
 import numpy as np
 import PIL.Image
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from protocol.profile import InputSection
+from firmware.profile import InputSection
+from protocol.errors import FedscanError, Reason
 
 PIL.Image.init()  # register Pillow's decoders now, not on the first request
 
@@ -38,14 +41,10 @@ CONTENT_TYPES: dict[str, Format] = {
 }
 
 
-class ImageRejected(ValueError):
-    """An image the box refuses: ``reason`` is a stable code, ``status_code`` the HTTP status."""
+class ImageRejected(FedscanError, ValueError):
+    """An image the box refuses, with a stable ``reason`` (the edges map it to their answer)."""
 
-    def __init__(self, reason: str, message: str, status_code: int = 422) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-        self.status_code = status_code
+    reason = Reason.CORRUPT_IMAGE
 
 
 @dataclass
@@ -72,10 +71,12 @@ class Image:
 
     @property
     def frames(self) -> int:
+        """Number of frames."""
         return int(self.pixels.shape[0])
 
     @property
     def channels(self) -> int:
+        """Samples per pixel (1 or 3)."""
         return int(self.pixels.shape[3])
 
 
@@ -91,9 +92,9 @@ def image_from_array(arr: np.ndarray, photometric: str | None = None) -> Image:
     elif a.ndim == 3:
         a = a[None]
     elif a.ndim != 4:
-        raise ImageRejected("bad_shape", f"an image array has 2 to 4 dimensions, got {a.ndim}")
+        raise ImageRejected(f"an image array has 2 to 4 dimensions, got {a.ndim}", reason=Reason.BAD_SHAPE)
     if a.shape[3] not in (1, 3):
-        raise ImageRejected("wrong_channels", f"{a.shape[3]} channels (1 or 3 accepted)")
+        raise ImageRejected(f"{a.shape[3]} channels (1 or 3 accepted)", reason=Reason.WRONG_CHANNELS)
     vr: tuple[float, float] | None = None
     if np.issubdtype(a.dtype, np.integer):
         info = np.iinfo(a.dtype)
@@ -103,14 +104,13 @@ def image_from_array(arr: np.ndarray, photometric: str | None = None) -> Image:
 
 
 def format_of(content_type: str | None) -> Format:
-    """The image format of a Content-Type header value, or 415 ``unsupported_content_type``."""
+    """The image format of a Content-Type header value, or ``unsupported_content_type``."""
     base = (content_type or "").split(";", 1)[0].strip().lower()
     fmt = CONTENT_TYPES.get(base)
     if fmt is None:
         raise ImageRejected(
-            "unsupported_content_type",
             f"content type {base or '<none>'!r} is not one of {sorted(set(CONTENT_TYPES))}",
-            415,
+            reason=Reason.UNSUPPORTED_CONTENT_TYPE,
         )
     return fmt
 
@@ -119,11 +119,11 @@ def decode(data: bytes, content_type: str | None, accept: InputSection) -> Image
     """Decode ``data`` by its content type under the profile's input limits."""
     fmt = format_of(content_type)
     if fmt not in accept.formats:
-        raise ImageRejected("format_not_accepted", f"this box accepts {accept.formats}, not {fmt}", 415)
+        raise ImageRejected(f"this box accepts {accept.formats}, not {fmt}", reason=Reason.FORMAT_NOT_ACCEPTED)
     if len(data) > accept.max_bytes:
-        raise ImageRejected("too_large", f"{len(data)} bytes exceed the limit of {accept.max_bytes}", 413)
+        raise ImageRejected(f"{len(data)} bytes exceed the limit of {accept.max_bytes}", reason=Reason.TOO_LARGE)
     if not data:
-        raise ImageRejected("empty_body", "no image bytes were sent", 400)
+        raise ImageRejected("no image bytes were sent", reason=Reason.EMPTY_BODY)
     if fmt == "dicom":
         return decode_dicom(data, accept)
     return decode_raster(data, fmt, accept)
@@ -141,17 +141,17 @@ def decode_raster(data: bytes, fmt: Format, accept: InputSection) -> Image:
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             im = PIL.Image.open(io.BytesIO(data), formats=[want])
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("too_many_pixels", f"decompression bomb refused: {exc}", 413) from exc
+        raise ImageRejected(f"decompression bomb refused: {exc}", reason=Reason.TOO_MANY_PIXELS) from exc
     except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageRejected("corrupt_image", f"not a readable {want} file", 400) from exc
+        raise ImageRejected(f"not a readable {want} file", reason=Reason.CORRUPT_IMAGE) from exc
     with im:
         w, h = im.size
         if w * h > accept.max_pixels:
-            raise ImageRejected("too_many_pixels", f"{w}x{h} exceeds {accept.max_pixels} pixels", 413)
+            raise ImageRejected(f"{w}x{h} exceeds {accept.max_pixels} pixels", reason=Reason.TOO_MANY_PIXELS)
         try:
             im.load()
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageRejected("corrupt_image", f"{want} data is truncated or corrupt", 400) from exc
+            raise ImageRejected(f"{want} data is truncated or corrupt", reason=Reason.CORRUPT_IMAGE) from exc
         arr, photometric = _raster_pixels(im)
     vr: tuple[float, float] = (0.0, 255.0) if arr.dtype == np.uint8 else (0.0, 65535.0)
     return Image(pixels=arr[None], photometric=photometric, source=fmt, value_range=vr)
@@ -168,7 +168,7 @@ def _raster_pixels(im: PIL.Image.Image) -> tuple[np.ndarray, str]:
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         a16 = np.asarray(im)
         if a16.min(initial=0) < 0 or a16.max(initial=0) > 65535:
-            raise ImageRejected("unsupported_pixel_format", "32-bit integer images are not accepted", 415)
+            raise ImageRejected("32-bit integer images are not accepted", reason=Reason.UNSUPPORTED_PIXEL_FORMAT)
         return a16.astype(np.uint16)[:, :, None], "MONOCHROME2"
     if mode == "L":
         return np.asarray(im, dtype=np.uint8)[:, :, None], "MONOCHROME2"
@@ -178,63 +178,92 @@ def _raster_pixels(im: PIL.Image.Image) -> tuple[np.ndarray, str]:
         a = np.asarray(im, dtype=np.uint8)
         if a[:, :, -1].min() < 255:
             raise ImageRejected(
-                "wrong_channels", f"{mode} image with a translucent alpha channel (1 or 3 channels accepted)"
+                f"{mode} image with a translucent alpha channel (1 or 3 channels accepted)",
+                reason=Reason.WRONG_CHANNELS,
             )
         return (a[:, :, :1], "MONOCHROME2") if mode == "LA" else (a[:, :, :3], "RGB")
     if mode in ("CMYK", "YCbCr"):
         return np.asarray(im.convert("RGB"), dtype=np.uint8), "RGB"
-    raise ImageRejected("wrong_channels", f"image mode {mode} is not accepted (1 or 3 channels)")
+    raise ImageRejected(f"image mode {mode} is not accepted (1 or 3 channels)", reason=Reason.WRONG_CHANNELS)
 
 
 # -- DICOM ------------------------------------------------------------------------------------------
+PARSE_ERRORS: tuple[type[Exception], ...] = (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
+                                             IndexError, OverflowError, struct.error, BytesLengthException,
+                                             NotImplementedError)
+"""What pydicom raises on damaged bytes. It converts element values lazily, on first access, so a
+damaged value can raise any of these wherever a dataset is read (found by ``bench/fuzz.py``)."""
+
+
 def read_dataset(data: bytes) -> Dataset:
-    """Parse DICOM bytes (Part 10 file), or 400 ``not_dicom`` / ``corrupt_dicom``."""
+    """Parse DICOM bytes (Part 10 file), or ``not_dicom`` / ``corrupt_dicom``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dcmread(io.BytesIO(data))
+            ds = dcmread(io.BytesIO(data))
+            _check_elements(ds)
+        return ds
     except InvalidDicomError as exc:
-        raise ImageRejected("not_dicom", "not a DICOM Part 10 file (no 'DICM' preamble)", 400) from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise ImageRejected("corrupt_dicom", "the DICOM file cannot be parsed", 400) from exc
+        raise ImageRejected("not a DICOM Part 10 file (no 'DICM' preamble)", reason=Reason.NOT_DICOM) from exc
+    except PARSE_ERRORS as exc:
+        raise ImageRejected("the DICOM file cannot be parsed", reason=Reason.CORRUPT_DICOM) from exc
+
+
+def _check_elements(ds: Dataset) -> None:
+    """Read every element once (nested sequences too), so a damaged one is refused here, not when the study is de-identified or written; command (0000) and file-meta (0002) groups belong outside the dataset body, and a body holding them cannot be written as a Part 10 file."""
+    for elem in ds.iterall():
+        if elem.tag.group in (0x0000, 0x0002):
+            raise ValueError(f"element {elem.tag} of group {elem.tag.group:04X} inside the dataset body")
 
 
 def decode_dicom(data: bytes, accept: InputSection) -> Image:
+    """Parse and decode a DICOM Part 10 file (see :func:`decode_dataset`)."""
     return decode_dataset(read_dataset(data), accept)
 
 
 def decode_dataset(ds: Dataset, accept: InputSection) -> Image:
-    """Checks, then pixels: pixel data present, modality, size, a decoder for the syntax."""
+    """Checks, then pixels: pixel data present, modality, size, a decoder for the syntax.
+
+    Every refusal is an :class:`ImageRejected`; a damaged element pydicom chokes on while it is
+    read is ``corrupt_dicom``.
+    """
+    try:
+        return _decode_dataset(ds, accept)
+    except ImageRejected:
+        raise
+    except PARSE_ERRORS as exc:
+        raise ImageRejected("the DICOM file cannot be parsed", reason=Reason.CORRUPT_DICOM) from exc
+
+
+def _decode_dataset(ds: Dataset, accept: InputSection) -> Image:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageRejected("no_pixel_data", f"the DICOM object ({_sop_name(ds)}) has no pixel data")
+        raise ImageRejected(f"the DICOM object ({_sop_name(ds)}) has no pixel data", reason=Reason.NO_PIXEL_DATA)
     modality = str(ds.get("Modality", "") or "")
     if accept.modalities and modality not in accept.modalities:
         raise ImageRejected(
-            "modality_not_accepted", f"modality {modality or '<none>'!r} is not one of {accept.modalities}"
+            f"modality {modality or '<none>'!r} is not one of {accept.modalities}", reason=Reason.MODALITY_NOT_ACCEPTED
         )
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise ImageRejected("corrupt_dicom", "image attributes (Rows, Columns, ...) are missing") from exc
+        raise ImageRejected("image attributes (Rows, Columns, ...) are missing", reason=Reason.CORRUPT_DICOM) from exc
     if rows * cols * frames > accept.max_pixels:
-        raise ImageRejected(
-            "too_many_pixels", f"{frames}x{rows}x{cols} exceeds {accept.max_pixels} pixels", 413
-        )
+        raise ImageRejected(f"{frames}x{rows}x{cols} exceeds {accept.max_pixels} pixels", reason=Reason.TOO_MANY_PIXELS)
     if samples not in (1, 3):
-        raise ImageRejected("wrong_channels", f"{samples} samples per pixel (1 or 3 accepted)")
+        raise ImageRejected(f"{samples} samples per pixel (1 or 3 accepted)", reason=Reason.WRONG_CHANNELS)
     tsyntax = _transfer_syntax(ds)
     if tsyntax.is_compressed:
         try:
             decoder = get_decoder(tsyntax)
         except NotImplementedError as exc:
             raise ImageRejected(
-                "unsupported_transfer_syntax", f"no decoder exists for {tsyntax.name}", 415
+                f"no decoder exists for {tsyntax.name}", reason=Reason.UNSUPPORTED_TRANSFER_SYNTAX
             ) from exc
         if not decoder.is_available:
             raise ImageRejected(
-                "unsupported_transfer_syntax", f"no decoder installed for {tsyntax.name} ({tsyntax})", 415
+                f"no decoder installed for {tsyntax.name} ({tsyntax})", reason=Reason.UNSUPPORTED_TRANSFER_SYNTAX
             )
     try:
         with warnings.catch_warnings():
@@ -242,14 +271,16 @@ def decode_dataset(ds: Dataset, accept: InputSection) -> Image:
             arr = ds.pixel_array
     except ValueError as exc:
         if "less than expected" in str(exc) or "truncat" in str(exc).lower():
-            raise ImageRejected("truncated_dicom", "the pixel data is shorter than Rows x Columns says") from exc
-        raise ImageRejected("corrupt_dicom", "the pixel data cannot be decoded") from exc
+            raise ImageRejected(
+                "the pixel data is shorter than Rows x Columns says", reason=Reason.TRUNCATED_DICOM
+            ) from exc
+        raise ImageRejected("the pixel data cannot be decoded", reason=Reason.CORRUPT_DICOM) from exc
     except (RuntimeError, NotImplementedError) as exc:
         raise ImageRejected(
-            "undecodable_pixel_data", f"the {tsyntax.name} pixel data cannot be decoded here", 415
+            f"the {tsyntax.name} pixel data cannot be decoded here", reason=Reason.UNDECODABLE_PIXEL_DATA
         ) from exc
     except (AttributeError, KeyError, TypeError, EOFError) as exc:
-        raise ImageRejected("corrupt_dicom", "the pixel data cannot be decoded") from exc
+        raise ImageRejected("the pixel data cannot be decoded", reason=Reason.CORRUPT_DICOM) from exc
     arr = np.asarray(arr)
     arr = arr.reshape(frames, rows, cols, samples)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
@@ -273,7 +304,7 @@ def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
-        raise ImageRejected("corrupt_dicom", "the file meta has no Transfer Syntax UID", 400)
+        raise ImageRejected("the file meta has no Transfer Syntax UID", reason=Reason.CORRUPT_DICOM)
     return UID(str(ts))
 
 

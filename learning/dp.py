@@ -7,7 +7,7 @@ batch, so per-sample gradients (and therefore the privacy guarantee) do not exis
 :class:`DPIncompatibleModel` that names the layers; build models with ``norm="group"``.
 
 An optional ``budget`` (anything with ``require(noise_multiplier=, sampling_rate=, steps=, what=)``,
-e.g. ``coordinator.privacy.PrivacyBudget``, which an agent keeps across rounds) is checked
+e.g. ``learning.privacy_accounting.PrivacyBudget``, which an agent keeps across rounds) is checked
 *before* anything is wrapped: a run whose planned steps would pass the budget raises that
 budget's error (``BudgetExhausted``) and training never starts.
 
@@ -36,26 +36,32 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
+from protocol.errors import FedscanError, Reason
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class DPIncompatibleModel(ValueError):
+class DPIncompatibleModel(FedscanError, ValueError):
     """The model cannot be trained with per-sample gradients (e.g. it has BatchNorm)."""
+
+    reason = Reason.DP_INCOMPATIBLE
 
 
 class BudgetGuard(Protocol):
+    """What refuses DP-SGD steps that would pass a privacy budget (``learning.privacy_accounting.PrivacyBudget``)."""
     def require(self, *, noise_multiplier: float, sampling_rate: float, steps: int = 1,
-                what: str = ...) -> float: ...
+                what: str = ...) -> float:
+        """ε after ``steps`` more steps at this noise and sampling rate; raise if that passes the budget."""
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:
+    """Names of the model's BatchNorm layers (DP-SGD refuses them: they mix samples)."""
     return [name or "<root>" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -97,7 +103,8 @@ class PrivateTraining:
 
     def unwrap(self) -> nn.Module:
         """The original model (its weights were trained in place)."""
-        return self.model._module
+        inner: nn.Module = self.model._module
+        return inner
 
 
 def make_private(
@@ -153,14 +160,6 @@ def make_private(
                            sample_rate)
 
 
-def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier reaching ``target_epsilon`` at ``delta`` after ``steps`` steps (RDP)."""
-    with warnings.catch_warnings():  # the bisection probes huge multipliers ("optimal order is the largest")
-        warnings.filterwarnings("ignore", message=".*Optimal order.*")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant="rdp"))
-
-
 def class_weighted_clipping(pt: PrivateTraining, class_weights: Sequence[float] | np.ndarray) -> LossFn:
     """Public per-class weights applied *after* per-sample clipping; returns the loss to train with.
 
@@ -176,7 +175,8 @@ def class_weighted_clipping(pt: PrivateTraining, class_weights: Sequence[float] 
     site's records): a record's weight depends on its own label only.
 
     Overall scale: the step is ``mean_i v[y_i]·clip(g_i)`` — the majority class counts ``1/max(w)``
-    of the minority's, so the learning rate absorbs the ``1/max(w)`` factor."""
+    of the minority's, so the learning rate absorbs the ``1/max(w)`` factor.
+    """
     w = np.asarray(class_weights, dtype=np.float64)
     if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
         raise ValueError(f"class weights must be a 1-d array of finite positive numbers, got {class_weights!r}")
@@ -203,7 +203,7 @@ def class_weighted_clipping(pt: PrivateTraining, class_weights: Sequence[float] 
                 p.grad_sample = g * factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
         opacus_clip()
 
-    optimizer.clip_and_accumulate = clip_weighted_then_accumulate  # type: ignore[method-assign]
+    optimizer.clip_and_accumulate = clip_weighted_then_accumulate  # type: ignore[method-assign, unused-ignore]
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         labels.append(y.detach())

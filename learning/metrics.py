@@ -60,8 +60,7 @@ def classification_metrics(
 def metrics_from_logits(
     y_true: np.ndarray | Sequence[int], logits: np.ndarray, classes: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """:func:`classification_metrics` plus ``loss`` (mean cross-entropy) from raw logits ``(N, C)``,
-    for callers that keep the logits for something else too (e.g. temperature scaling)."""
+    """:func:`classification_metrics` plus ``loss`` (mean cross-entropy) from raw logits ``(N, C)``, for callers that keep the logits for something else too (e.g. temperature scaling)."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y_true, dtype=np.int64)
     if z.ndim != 2 or z.shape[0] != y.shape[0] or y.size == 0:
@@ -120,8 +119,7 @@ def evaluate(
     normalize: Normalize | None = DEFAULT_NORMALIZE,
     classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` over ``data`` (eval mode, no grad; its mode is restored) and return
-    :func:`classification_metrics` plus ``loss`` (mean cross-entropy).
+    """Run ``model`` over ``data`` (eval mode, no grad; its mode is restored) and return :func:`classification_metrics` plus ``loss`` (mean cross-entropy).
 
     ``normalize`` applies to an :class:`ArrayDataset` only; tensors are taken as already normalized.
     """

@@ -1,4 +1,4 @@
-"""Our own model zoo (no torchvision): ResNet-18, a small CNN, a U-Net and an autoencoder.
+"""Our own model zoo (no torchvision): ResNet-18, a small CNN, a U-Net and autoencoders.
 
 Every model takes a ``norm`` option: ``"group"`` (default; DP-SGD refuses BatchNorm, and
 BatchNorm statistics suffer under label skew) or ``"batch"`` (one-shot synthesis inverts
@@ -13,10 +13,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from learning.anomaly.model import AEConfig, DisentangledAE
+
 Norm = Literal["group", "batch"]
 
 
 def make_norm(norm: Norm, channels: int) -> nn.Module:
+    """The normalization layer for ``channels``: GroupNorm (the default) or BatchNorm."""
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "group":
@@ -48,10 +51,13 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(2 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        """Logits for an NCHW batch."""
+        out: torch.Tensor = self.classifier(torch.flatten(self.features(x), 1))
+        return out
 
 
 class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions with a shortcut (projected when the shape changes)."""
     def __init__(self, cin: int, cout: int, stride: int, norm: Norm) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -64,14 +70,19 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), make_norm(norm, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for an NCHW batch."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
+        res: torch.Tensor = self.relu(out + self.downsample(x))
+        return res
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 (He et al. 2016). ``stem="small"`` is the 28x28 variant MedMNIST uses
-    (3x3 conv, stride 1, no max-pool); ``stem="imagenet"`` is the 7x7/2 + max-pool stem for 224x224."""
+    """ResNet-18 (He et al. 2016).
+
+    ``stem="small"`` is the 28x28 variant MedMNIST uses (3x3 conv, stride 1, no max-pool); ``stem="imagenet"``
+    is the 7x7/2 + max-pool stem for 224x224.
+    """
 
     def __init__(
         self,
@@ -105,9 +116,11 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for an NCHW batch."""
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        out: torch.Tensor = self.fc(torch.flatten(self.pool(x), 1))
+        return out
 
 
 def _double_conv(cin: int, cout: int, norm: Norm) -> nn.Sequential:
@@ -144,6 +157,7 @@ class UNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits for an NCHW batch."""
         skips = []
         for block in self.down:
             x = block(x)
@@ -153,12 +167,12 @@ class UNet(nn.Module):
         for up, dec, skip in zip(self.up, self.dec, reversed(skips), strict=True):
             x = up(x)
             x = dec(torch.cat([x, skip], dim=1))
-        return self.head(x)
+        out: torch.Tensor = self.head(x)
+        return out
 
 
 class AutoEncoder(nn.Module):
-    """Convolutional autoencoder for anomaly detection trained on healthy scans only;
-    the reconstruction error is the anomaly score."""
+    """Convolutional autoencoder for anomaly detection trained on healthy scans only; the reconstruction error is the anomaly score."""
 
     def __init__(self, in_channels: int = 1, width: int = 16, latent: int = 32, norm: Norm = "group", size: int = 28):
         super().__init__()
@@ -179,12 +193,31 @@ class AutoEncoder(nn.Module):
         self._w = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of an NCHW batch."""
         z = self.encoder(x)
         h = self.decoder_fc(z).view(x.shape[0], 2 * self._w, self.size // 4, self.size // 4)
-        return self.decoder(h)
+        out: torch.Tensor = self.decoder(h)
+        return out
 
     def anomaly_score(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared reconstruction error per image (higher is more anomalous)."""
         return torch.mean((self(x) - x) ** 2, dim=(1, 2, 3))
+
+
+def _seg_unet(*, in_channels: int = 1, channels: list[int] | tuple[int, ...] = (8, 16, 32, 64),
+              num_res_units: int = 1, norm: str = "instance") -> nn.Module:
+    """The segmentation job's MONAI U-Net (``learning.segmentation.model``; MONAI is imported on first use)."""
+    from learning.segmentation.model import SegModelConfig, build_unet
+
+    return build_unet(SegModelConfig(in_channels=in_channels, channels=tuple(channels), num_res_units=num_res_units,
+                                     norm=norm))  # type: ignore[arg-type]  # SegModelConfig refuses other norms
+
+
+def _feddis_ae(*, size: int = 64, shape_widths: list[int] | tuple[int, ...] = (16, 32, 64),
+               app_widths: list[int] | tuple[int, ...] = (8, 16, 16), groups: int = 4) -> nn.Module:
+    """The anomaly job's disentangled autoencoder (``learning.anomaly.model``; FedDis shape/appearance branches)."""
+    return DisentangledAE(AEConfig(size=size, shape_widths=tuple(shape_widths), app_widths=tuple(app_widths),
+                                   groups=groups))
 
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
@@ -192,6 +225,8 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "unet": UNet,
     "autoencoder": AutoEncoder,
+    "seg_unet": _seg_unet,
+    "feddis_ae": _feddis_ae,
 }
 
 
@@ -204,8 +239,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return factory(**kwargs)
 
 
-def model_kwargs_for(architecture: str, *, in_channels: int, num_classes: int, height: int, norm: Norm, width: int
-                     ) -> dict[str, Any]:
+def model_kwargs_for(architecture: str, *, in_channels: int, num_classes: int, height: int,
+                     norm: Norm | Literal["instance"], width: int) -> dict[str, Any]:
     """Constructor kwargs for an architecture given a device profile's input spec."""
     if architecture == "small_cnn":
         return {"in_channels": in_channels, "num_classes": num_classes, "width": width, "norm": norm}
@@ -216,4 +251,13 @@ def model_kwargs_for(architecture: str, *, in_channels: int, num_classes: int, h
         return {"in_channels": in_channels, "num_classes": num_classes, "norm": norm}
     if architecture == "autoencoder":
         return {"in_channels": in_channels, "norm": norm, "size": height}
+    if architecture == "seg_unet":  # four levels from ``width`` features, doubling (learning.segmentation.model)
+        return {"in_channels": in_channels, "channels": [width, 2 * width, 4 * width, 8 * width], "num_res_units": 1,
+                "norm": norm}
+    if architecture == "feddis_ae":  # 3 down-samplings when the size allows (64), else 2 (28); app branch half as wide
+        levels = 3 if height % 8 == 0 else 2
+        shape = [width * 2**i for i in range(levels)]
+        app = [max(width // 2, 4) * 2**i for i in range(levels)]
+        groups = next(g for g in (4, 2, 1) if all(w % g == 0 for w in (*shape, *app)))
+        return {"size": height, "shape_widths": shape, "app_widths": app, "groups": groups}
     raise ValueError(f"unknown architecture {architecture!r}")

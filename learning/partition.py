@@ -1,16 +1,23 @@
-"""Seeded non-IID partitioners: split sample indices over ``k`` sites.
+"""Partitioners: split sample indices over sites, at random (seeded non-IID) or by a metadata field.
 
-Every partitioner returns ``list[np.ndarray]`` (int64 index arrays, sorted ascending), one per
+Every random partitioner returns ``list[np.ndarray]`` (int64 index arrays, sorted ascending), one per
 site; the arrays are disjoint and together cover ``range(n)``. The same arguments always give
 the same split (``numpy.random.default_rng(seed)``; retries draw from the same generator, so
-they are deterministic too).
+they are deterministic too). :func:`by_field` makes sites from the values of a metadata field (for
+ISIC: the acquisition resolution, i.e. the device), merging rare values deterministically.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from learning.datasets import DatasetError
+from learning.records import MissingField, dotted_get
 
 
 def _check_sites(n: int, k: int, min_size: int) -> None:
@@ -57,9 +64,7 @@ def dirichlet_label_skew(
     min_size: int = 1,
     max_tries: int = 100,
 ) -> list[np.ndarray]:
-    """Label and quantity skew (per-class split, NIID-Bench / Yurochkin et al. 2019): for each class,
-    its samples go to sites in Dirichlet(alpha) shares, so site sizes vary as much as label mixes
-    (PneumoniaMNIST, 5 sites, α = 0.5, seed 0: one site holds 65 % of the images).
+    """Label and quantity skew (per-class split, NIID-Bench / Yurochkin et al. 2019): for each class, its samples go to sites in Dirichlet(alpha) shares, so site sizes vary as much as label mixes (PneumoniaMNIST, 5 sites, α = 0.5, seed 0: one site holds 65 % of the images).
 
     Draws are repeated (from the same seeded generator) until every site holds at least
     ``min_size`` samples; a site already above ``n / k`` gets no further share of a class
@@ -112,3 +117,88 @@ def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes
     y = np.asarray(labels)
     c = int(num_classes if num_classes is not None else (y.max() + 1 if y.size else 0))
     return np.stack([np.bincount(y[p], minlength=c) for p in parts]) if parts else np.zeros((0, c), np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- by field
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class FieldPartition:
+    """Sites made from the values of a metadata field: index arrays, a name per site, the merged keys."""
+
+    parts: list[np.ndarray]
+    names: list[str]
+    members: list[list[Key]]  # the field values (keys) each site holds; the first is the site's own
+
+
+def field_keys(records: Sequence[Mapping[str, Any]], fields: Sequence[str],
+               ids: Sequence[str] | None = None) -> list[Key]:
+    """One key per record: the values at the dotted ``fields`` (e.g. ``meta.acquisition.pixelsX``)."""
+    if not fields:
+        raise ValueError("name at least one field")
+    keys = []
+    for i, rec in enumerate(records):
+        try:
+            keys.append(tuple(dotted_get(rec, f) for f in fields))
+        except MissingField as e:
+            who = ids[i] if ids is not None else f"record {i}"
+            raise DatasetError(f"{who}: field {e.field!r} is missing or null") from e
+    return keys
+
+
+def _key_name(key: Key) -> str:
+    return "x".join(str(v) for v in key)
+
+
+def _numeric(key: Key) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in key)
+
+
+def _log_distance(a: Key, b: Key) -> float:
+    return float(sum(abs(math.log(float(x) / float(y))) for x, y in zip(a, b, strict=True)))
+
+
+def by_field(keys: Sequence[Key], *, min_size: int = 1, max_sites: int | None = None,
+             min_sites: int = 1) -> FieldPartition:
+    """Sites by the value of a field (a device, a hospital): one site per key, small keys merged.
+
+    Deterministic, no randomness: keys are ranked by count (ties by name). The keys holding at
+    least ``min_size`` samples become sites (the largest ``max_sites`` of them when set; the next
+    largest are promoted when fewer than ``min_sites`` qualify). Every other key joins a site: for
+    positive numeric keys (resolutions) the nearest kept key in log scale (ties: the larger site),
+    else one ``other`` site when it reaches ``min_size``, or the smallest site when it does not.
+    :class:`~learning.datasets.DatasetError` when there are fewer distinct keys than ``min_sites``.
+    """
+    if min_size < 1 or min_sites < 1 or (max_sites is not None and max_sites < min_sites):
+        raise ValueError(f"need min_size >= 1 and 1 <= min_sites <= max_sites, got {min_size}, {min_sites}, {max_sites}")
+    groups: dict[Key, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(tuple(k), []).append(i)
+    if len(groups) < min_sites:
+        raise DatasetError(f"{len(groups)} distinct value(s) cannot make {min_sites} sites")
+    ranked = sorted(groups, key=lambda k: (-len(groups[k]), _key_name(k)))
+    kept = [k for k in ranked if len(groups[k]) >= min_size][: max_sites or len(ranked)]
+    for k in ranked:
+        if len(kept) >= min_sites:
+            break
+        if k not in kept:
+            kept.append(k)
+    members: dict[Key, list[Key]] = {k: [k] for k in kept}
+    rest = [k for k in ranked if k not in members]
+    other: list[Key] = []
+    for k in rest:
+        if _numeric(k) and all(_numeric(c) and len(c) == len(k) for c in kept):
+            target = min(kept, key=lambda c: (_log_distance(k, c), -len(groups[c]), _key_name(c)))
+            members[target].append(k)
+        else:
+            other.append(k)
+    sites = [(k, members[k]) for k in kept]
+    if other:
+        if sum(len(groups[k]) for k in other) >= min_size:
+            sites.append((("other",), other))
+        else:
+            smallest = min(range(len(sites)), key=lambda s: (sum(len(groups[k]) for k in sites[s][1]), s))
+            sites[smallest][1].extend(other)
+    parts = _finish([np.concatenate([np.asarray(groups[k], dtype=np.int64) for k in ks]) for _, ks in sites])
+    return FieldPartition(parts=parts, names=[_key_name(k) for k, _ in sites], members=[list(ks) for _, ks in sites])

@@ -1,5 +1,4 @@
-"""Quantization-aware training: fake-quant of weights (per-channel, symmetric int8) and of the
-activations entering every Conv2d / Linear (per-tensor, affine uint8, EMA min/max observer).
+"""Quantization-aware training: fake-quant of weights (per-channel, symmetric int8) and of the activations entering every Conv2d / Linear (per-tensor, affine uint8, EMA min/max observer).
 
 ``prepare_qat`` returns a *copy* of the model whose Conv2d / Linear layers fake-quantize in
 ``forward``; parameter names do not change, so ``learning.state.travelling_names`` and the
@@ -52,6 +51,7 @@ class ActivationFakeQuant(nn.Module):
             self.max_val.lerp_(hi, self.momentum)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the observed range (which always holds 0)."""
         lo = torch.clamp(self.min_val, max=0.0)  # the range must hold 0 exactly (padding, ReLU)
         hi = torch.clamp(self.max_val, min=0.0)
         scale = torch.clamp((hi - lo) / float(ACT_QMAX - ACT_QMIN), min=1e-8)
@@ -59,6 +59,7 @@ class ActivationFakeQuant(nn.Module):
         return scale.reshape(1), zero_point.reshape(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe (in training) and fake-quantize ``x`` once a range has been seen."""
         if self.training and self.observe:
             self._update(x)
         if not self.enabled or not torch.isfinite(self.min_val):
@@ -82,7 +83,9 @@ class QATConv2d(nn.Conv2d):
     input_fq: ActivationFakeQuant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_fq(x), fake_quant_weight(self.weight), self.bias)
+        """Convolution of the fake-quantized input with the fake-quantized weight."""
+        out: torch.Tensor = self._conv_forward(self.input_fq(x), fake_quant_weight(self.weight), self.bias)
+        return out
 
 
 class QATLinear(nn.Linear):
@@ -91,6 +94,7 @@ class QATLinear(nn.Linear):
     input_fq: ActivationFakeQuant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Linear map of the fake-quantized input with the fake-quantized weight."""
         return F.linear(self.input_fq(x), fake_quant_weight(self.weight), self.bias)
 
 
@@ -112,6 +116,7 @@ def prepare_qat(model: nn.Module, *, momentum: float = 0.01) -> nn.Module:
 
 
 def is_qat(model: nn.Module) -> bool:
+    """Whether ``model`` holds fake-quant layers (was prepared for QAT)."""
     return any(type(mod) in _BACK for mod in model.modules())
 
 
@@ -127,6 +132,7 @@ def to_float(model: nn.Module) -> nn.Module:
 
 
 def fake_quant_modules(model: nn.Module) -> list[ActivationFakeQuant]:
+    """The model's activation fake-quant modules."""
     return [mod for mod in model.modules() if isinstance(mod, ActivationFakeQuant)]
 
 

@@ -1,11 +1,22 @@
-"""Local training loop: SGD (+ FedProx term), deterministic, pausable and resumable at batch boundaries.
+"""Local training loop: a step budget with a learning-rate schedule, deterministic, pausable and resumable.
 
-Used by every agent and by the centralized / single-site baselines.
+Used by every agent and by the centralized / single-site baselines. The parts live beside it:
+``learning/pause.py`` (the pause switch), ``learning/checkpoint.py`` (checkpoints),
+``learning/losses.py`` (cross-entropy variants), ``learning/schedule.py`` (optimizers and the
+learning-rate schedule), ``learning/augment.py`` (training augmentation).
+
+Work per call: ``cfg.local_epochs`` epochs, capped at ``cfg.max_steps`` optimizer steps. With a
+step budget (``max_steps`` and enough epochs to reach it) every site takes the same number of
+steps whatever its size. ``cfg.schedule="cosine"`` sets the learning rate of global step
+``cfg.step_offset + s`` from the schedule over ``cfg.total_steps``; ``cfg.optimizer`` picks SGD
+(momentum) or AdamW; ``cfg.augment`` applies the ``augment`` callable (the device profile's
+augmentation) to each batch of an :class:`ArrayDataset` in [0, 1], before normalization.
 
 Determinism: shuffling uses a private ``torch.Generator`` seeded from ``cfg.seed``; the global
 torch RNG (dropout, if a model has any) is seeded from ``cfg.seed`` inside ``fork_rng`` so the
-caller's RNG is untouched. Same seed + same start weights + same thread count ⇒ bit-identical
-weights on CPU, also across a pause or a restart from a checkpoint.
+caller's RNG is untouched; augmentation is seeded from ``cfg.seed`` and the global step. Same
+seed + same start weights + same thread count ⇒ bit-identical weights on CPU, also across a
+pause or a restart from a checkpoint.
 
 Pause/resume: before each batch the loop asks ``pause.paused``; when set it writes a checkpoint
 (if ``checkpoint_path``) and blocks in ``pause.wait_if_paused()`` (``cancel()`` makes that raise
@@ -29,13 +40,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,142 +51,55 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from learning.datasets import DEFAULT_NORMALIZE, ArrayDataset, Normalize
+from learning.augment import Augment
+from learning.checkpoint import CHECKPOINT_FORMAT, TrainingCheckpoint, fingerprint
+from learning.datasets import DEFAULT_NORMALIZE, ArrayDataset, Normalize, normalize_tensor
+from learning.losses import LossFn, balanced_class_weights, class_balanced_loss, weighted_cross_entropy
+from learning.pause import PauseHook, TrainingCancelled
+from learning.schedule import lr_factor, make_optimizer, schedule_total, sgd_optimizer
 from protocol.messages import TrainingConfig
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "BatchPlan",
+    "LossFn",
+    "OptimizerFactory",
+    "PauseHook",
+    "Progress",
+    "TrainData",
+    "TrainResult",
+    "TrainingCancelled",
+    "TrainingCheckpoint",
+    "balanced_class_weights",
+    "class_balanced_loss",
+    "poisson_batches",
+    "sgd_optimizer",
+    "shuffled_batches",
+    "train_local",
+    "weighted_cross_entropy",
+]
 
-CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
 
 BatchGetter = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 BatchPlan = Callable[[int, int, torch.Generator], list[np.ndarray]]
 """``(n, batch_size, generator) -> index arrays for one epoch``; must draw only from ``generator``."""
 OptimizerFactory = Callable[[nn.Module, TrainingConfig], torch.optim.Optimizer]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int, float], None]
 """``(steps_done, steps_planned, batch_loss)`` after every step."""
-
-
-class TrainingCancelled(RuntimeError):
-    """Raised from :meth:`PauseHook.wait_if_paused` after :meth:`PauseHook.cancel`."""
-
-
-class PauseHook:
-    """Cooperative pause switch checked by the training loop before every batch.
-
-    Paused when :meth:`pause` was called (until :meth:`resume`) or when the optional
-    ``should_pause()`` predicate returns True (polled every ``poll_s`` while waiting), e.g.
-    "an inference request is queued" or "GPU above its temperature gate". Thread-safe.
-    """
-
-    def __init__(self, should_pause: Callable[[], bool] | None = None, *, poll_s: float = 0.05) -> None:
-        self._should_pause = should_pause
-        self._poll_s = poll_s
-        self._cond = threading.Condition()
-        self._manual = False
-        self._cancelled = False
-        self.pauses = 0  # how many times the loop actually waited
-
-    def pause(self) -> None:
-        with self._cond:
-            self._manual = True
-
-    def resume(self) -> None:
-        with self._cond:
-            self._manual = False
-            self._cond.notify_all()
-
-    def cancel(self) -> None:
-        """Make the waiting (or next) :meth:`wait_if_paused` raise :class:`TrainingCancelled`."""
-        with self._cond:
-            self._cancelled = True
-            self._cond.notify_all()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @property
-    def paused(self) -> bool:
-        return self._manual or self._cancelled or bool(self._should_pause and self._should_pause())
-
-    def wait_if_paused(self, timeout: float | None = None) -> float:
-        """Block while paused; return seconds waited. Raises :class:`TrainingCancelled` when cancelled,
-        ``TimeoutError`` when still paused after ``timeout`` seconds."""
-        t0 = time.monotonic()
-        waited = False
-        with self._cond:
-            while True:
-                if self._cancelled:
-                    raise TrainingCancelled("training cancelled while paused")
-                if not (self._manual or (self._should_pause and self._should_pause())):
-                    break
-                waited = True
-                left = None if timeout is None else timeout - (time.monotonic() - t0)
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"still paused after {timeout} s")
-                step = self._poll_s if self._should_pause else None
-                self._cond.wait(step if left is None else min(left, step or left))
-        if waited:
-            self.pauses += 1
-        return time.monotonic() - t0
+TrainData = ArrayDataset | TensorDataset | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What one :func:`train_local` call did."""
+
     steps: int
     samples_seen: int
     loss: float  # mean training loss (without the proximal term) over all steps of the run
     seconds: float  # wall time of this call
     epochs: int = 0  # epochs completed
     resumed_from_step: int = 0  # > 0 when this call resumed a checkpoint
-
-
-@dataclass
-class TrainingCheckpoint:
-    """Everything needed to continue a run exactly: weights, optimizer state, position, RNG states.
-
-    ``generator_state`` is the shuffling generator's state at the *start* of ``epoch``; the
-    epoch's batch plan is re-drawn from it and ``batch_index`` batches are skipped.
-    """
-
-    fingerprint: str
-    epoch: int
-    batch_index: int
-    steps: int
-    samples_seen: int
-    loss_sum: float
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any]
-    generator_state: torch.Tensor
-    torch_rng_state: torch.Tensor
-    format: int = CHECKPOINT_FORMAT
-
-    def save(self, path: str | Path) -> None:
-        """Write atomically (temp file, fsync, rename): a crash leaves the old or the new checkpoint."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        with tmp.open("wb") as f:
-            torch.save(asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainingCheckpoint | None:
-        """The checkpoint at ``path``, or None when absent or unreadable (logged)."""
-        p = Path(path)
-        if not p.exists():
-            return None
-        try:
-            d = torch.load(p, map_location="cpu", weights_only=True)
-            if d.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"format {d.get('format')} != {CHECKPOINT_FORMAT}")
-            return cls(**d)
-        except Exception as e:  # a torn or foreign file must not stop training; start over
-            log.warning("ignoring unreadable training checkpoint %s: %s", p, e)
-            return None
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
@@ -188,9 +109,11 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> lis
 
 
 def poisson_batches(sample_rate: float) -> BatchPlan:
-    """Batch plan for DP-SGD: ``round(1 / sample_rate)`` steps per epoch, each sample in a step's batch
-    independently with probability ``sample_rate`` (opacus' Poisson sampling). Empty batches are
-    skipped by the loop (no update is released for them)."""
+    """Batch plan for DP-SGD (opacus' Poisson sampling).
+
+    ``round(1 / sample_rate)`` steps per epoch, each sample in a step's batch independently with
+    probability ``sample_rate``. Empty batches are skipped by the loop (no update is released for them).
+    """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
 
@@ -202,55 +125,9 @@ def poisson_batches(sample_rate: float) -> BatchPlan:
     return plan
 
 
-def sgd_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``n / (C · count_c)`` per class (sklearn's "balanced"); 1 for classes absent from ``labels``."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    w = np.ones(num_classes)
-    w[present] = counts.sum() / (present.sum() * counts[present])
-    return w
-
-
-def class_balanced_loss(labels: np.ndarray, num_classes: int) -> LossFn:
-    """Cross-entropy weighted ``n / (C · count_c)`` per class (sklearn's "balanced"); for label-skewed sites.
-
-    Not for DP-SGD: ``F.cross_entropy(weight=)`` divides by the batch's total weight, which couples
-    the samples of a batch, and the weights come from the site's private labels. Use
-    :func:`weighted_cross_entropy` with public weights there."""
-    weight = torch.tensor(balanced_class_weights(labels, num_classes), dtype=torch.float32)
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y, weight=weight.to(logits.device))
-
-    return loss
-
-
-def weighted_cross_entropy(class_weights: Sequence[float] | np.ndarray) -> LossFn:
-    """``mean_i(w[y_i] · CE_i)``: cross-entropy with fixed class weights, a plain mean of per-sample terms.
-
-    Unlike ``F.cross_entropy(weight=w)`` (which divides by ``Σ_i w[y_i]`` of the batch) each sample's
-    term depends on that sample alone, so opacus' per-sample gradients (``loss_reduction="mean"``:
-    the batch mean's gradient times the batch size) are exactly ``w[y_i] · ∇CE_i`` and per-sample
-    clipping bounds each record's influence. For DP-SGD the weights must be public (fixed in the
-    task, or from the coordinator's own data), not computed from the site's records. Note that
-    clipping caps ``w[y_i] · ‖∇CE_i‖`` at the clip norm: a weight only acts on samples whose
-    weighted gradient stays below it."""
-    weight = torch.as_tensor(np.asarray(class_weights, dtype=np.float32))
-    if weight.ndim != 1 or not bool(torch.all(weight > 0)) or not bool(torch.all(torch.isfinite(weight))):
-        raise ValueError(f"class weights must be a 1-d array of finite positive numbers, got {class_weights!r}")
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        per_sample = F.cross_entropy(logits, y, reduction="none")
-        return (weight.to(logits.device)[y] * per_sample).mean()
-
-    return loss
-
-
-TrainData = ArrayDataset | TensorDataset | tuple[torch.Tensor, torch.Tensor]
+def augment_seed(seed: int, global_step: int) -> int:
+    """Return the augmentation seed of one step: a function of the run's seed and the step alone."""
+    return (seed * 1_000_003 + global_step) % (2**32)
 
 
 def _loss_from_config(cfg: TrainingConfig, data: TrainData) -> LossFn:
@@ -266,8 +143,18 @@ def _loss_from_config(cfg: TrainingConfig, data: TrainData) -> LossFn:
     return class_balanced_loss(labels, num_classes)
 
 
-def _batch_source(data: TrainData, normalize: Normalize | None) -> tuple[int, BatchGetter, Callable[[], bytes]]:
-    """``(n, get(indices) -> (x, y), content digest)``; the digest is computed only when asked for."""
+@dataclass(frozen=True)
+class _Source:
+    """Batches of a dataset: ``get`` gives inputs before normalization, ``finish`` normalizes them."""
+
+    n: int
+    get: BatchGetter
+    finish: Callable[[torch.Tensor], torch.Tensor]
+    digest: Callable[[], bytes]
+    unit_range: bool  # inputs from ``get`` are pixels in [0, 1] (augmentation applies)
+
+
+def _batch_source(data: TrainData, normalize: Normalize | None) -> _Source:
     if isinstance(data, ArrayDataset):
 
         def digest_arrays() -> bytes:
@@ -277,7 +164,8 @@ def _batch_source(data: TrainData, normalize: Normalize | None) -> tuple[int, Ba
             h.update(data.labels.tobytes())
             return h.digest()
 
-        return len(data), (lambda idx: data.batch(idx, normalize)), digest_arrays
+        return _Source(len(data), lambda idx: data.batch(idx, None), lambda x: normalize_tensor(x, normalize),
+                       digest_arrays, True)
     xs, ys = data.tensors if isinstance(data, TensorDataset) else data
     if xs.shape[0] != ys.shape[0]:
         raise ValueError(f"{xs.shape[0]} inputs but {ys.shape[0]} labels")
@@ -293,18 +181,21 @@ def _batch_source(data: TrainData, normalize: Normalize | None) -> tuple[int, Ba
         i = torch.from_numpy(idx)
         return xs[i], ys[i]
 
-    return int(ys.shape[0]), get, digest_tensors
+    return _Source(int(ys.shape[0]), get, lambda x: x, digest_tensors, False)
 
 
-def _fingerprint(cfg: TrainingConfig, data_digest: bytes, model: nn.Module, extra: str) -> str:
-    h = hashlib.sha256()
-    h.update(cfg.model_dump_json().encode())
-    h.update(data_digest)
-    h.update(extra.encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _prox_pairs(model: nn.Module, cfg: TrainingConfig, global_tensors: Mapping[str, np.ndarray] | None,
+                device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if cfg.prox_mu <= 0:
+        return []
+    if global_tensors is None:
+        raise ValueError("cfg.prox_mu > 0 needs global_tensors (the round's global weights)")
+    params = dict(model.named_parameters())
+    missing = [k for k in params if params[k].requires_grad and k not in global_tensors]
+    if missing:
+        raise ValueError(f"global_tensors lack parameters {missing[:5]}")
+    return [(p, torch.as_tensor(np.asarray(global_tensors[k]), dtype=p.dtype, device=device))
+            for k, p in params.items() if p.requires_grad]
 
 
 def train_local(
@@ -321,34 +212,33 @@ def train_local(
     optimizer_factory: OptimizerFactory | None = None,
     batch_plan: BatchPlan | None = None,
     loss_fn: LossFn | None = None,
+    augment: Augment | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.local_epochs`` (at most ``cfg.max_steps`` steps).
 
     ``global_tensors`` (the round's global weights by parameter name, as from
     :func:`learning.state.get_tensors`) anchor the FedProx term ``(mu/2)·||w − w_g||²`` when
     ``cfg.prox_mu > 0``. ``normalize`` applies to an :class:`ArrayDataset`; tensors are used as given.
+    ``augment`` (e.g. :class:`learning.augment.BatchAugment`) runs on each batch when ``cfg.augment``;
+    tensor inputs are already normalized, so they are not augmented (logged).
     ``threads`` sets ``torch.set_num_threads`` for the call (process-wide; restored after).
+    The optimizer is ``optimizer_factory(model, cfg)`` (default :func:`learning.schedule.make_optimizer`);
+    with a schedule, each group's learning rate is its initial one times :func:`learning.schedule.lr_factor`.
     """
     t0 = time.perf_counter()
-    n, get_batch, data_digest = _batch_source(dataset, normalize)
-    if n == 0:
+    src = _batch_source(dataset, normalize)
+    if src.n == 0:
         raise ValueError("cannot train on an empty dataset")
     plan_fn = batch_plan or shuffled_batches
-    make_opt = optimizer_factory or sgd_optimizer
+    make_opt = optimizer_factory or make_optimizer
     criterion = loss_fn or _loss_from_config(cfg, dataset)
     device = next(model.parameters()).device
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-    prox: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if cfg.prox_mu > 0:
-        if global_tensors is None:
-            raise ValueError("cfg.prox_mu > 0 needs global_tensors (the round's global weights)")
-        params = dict(model.named_parameters())
-        missing = [k for k in params if params[k].requires_grad and k not in global_tensors]
-        if missing:
-            raise ValueError(f"global_tensors lack parameters {missing[:5]}")
-        prox = [(p, torch.as_tensor(np.asarray(global_tensors[k]), dtype=p.dtype, device=device))
-                for k, p in params.items() if p.requires_grad]
+    prox = _prox_pairs(model, cfg, global_tensors, device)
+    aug = augment if cfg.augment else None
+    if aug is not None and not src.unit_range:
+        log.warning("augmentation skipped: tensor inputs are already normalized (augment ArrayDataset pixels)")
+        aug = None
 
     old_threads = torch.get_num_threads()
     was_training = model.training
@@ -360,17 +250,19 @@ def train_local(
             torch.manual_seed(cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed)
             optimizer = make_opt(model, cfg)
+            base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
             ck_path = Path(checkpoint_path) if checkpoint_path is not None else None
-            fingerprint = ""
+            fp = ""
             if ck_path is not None:
-                extra = f"{getattr(plan_fn, '__qualname__', plan_fn)}|{type(optimizer).__qualname__}|{has_bn}"
-                fingerprint = _fingerprint(cfg, data_digest(), model, extra)
+                extra = (f"{getattr(plan_fn, '__qualname__', plan_fn)}|{type(optimizer).__qualname__}|{has_bn}"
+                         f"|{getattr(aug, 'spec', aug)!r}")
+                fp = fingerprint(cfg, src.digest(), model, extra)
 
             epoch = batch_index = steps = samples = 0
             loss_sum = 0.0
             resumed_from = 0
             ck = TrainingCheckpoint.load(ck_path) if ck_path is not None else None
-            if ck is not None and ck.fingerprint != fingerprint:
+            if ck is not None and ck.fingerprint != fp:
                 log.info("training checkpoint %s belongs to another run; starting fresh", ck_path)
                 ck = None
             if ck is not None:
@@ -384,7 +276,8 @@ def train_local(
                 log.info("resuming training at epoch %d batch %d (step %d)", epoch, batch_index, steps)
 
             max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
-            planned = int(min(max_steps, cfg.local_epochs * math.ceil(n / cfg.batch_size)))
+            planned = int(min(max_steps, cfg.local_epochs * math.ceil(src.n / cfg.batch_size)))
+            total = schedule_total(cfg, planned)
             saved_at = steps if ck is not None else -1  # the file on disk already holds this position
 
             def save(ep: int, b: int, gen_state: torch.Tensor) -> None:
@@ -393,7 +286,7 @@ def train_local(
                     return
                 saved_at = steps
                 TrainingCheckpoint(
-                    fingerprint=fingerprint, epoch=ep, batch_index=b, steps=steps, samples_seen=samples,
+                    fingerprint=fp, epoch=ep, batch_index=b, steps=steps, samples_seen=samples,
                     loss_sum=loss_sum, model_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                     optimizer_state=optimizer.state_dict(), generator_state=gen_state,
                     torch_rng_state=torch.get_rng_state(),
@@ -402,7 +295,7 @@ def train_local(
             model.train()
             while epoch < cfg.local_epochs and steps < max_steps:
                 epoch_start_state = gen.get_state()
-                batches = plan_fn(n, cfg.batch_size, gen)
+                batches = plan_fn(src.n, cfg.batch_size, gen)
                 for b in range(batch_index, len(batches)):
                     if steps >= max_steps:
                         break
@@ -412,15 +305,22 @@ def train_local(
                     idx = batches[b]
                     if len(idx) == 0 or (has_bn and len(idx) == 1):
                         continue  # BatchNorm cannot train on one sample
-                    x, y = get_batch(idx)
-                    x, y = x.to(device), y.to(device)
+                    x, y = src.get(idx)
+                    global_step = cfg.step_offset + steps
+                    if aug is not None:
+                        x = aug(x, augment_seed(cfg.seed, global_step))
+                    x, y = src.finish(x).to(device), y.to(device)
+                    if cfg.schedule != "constant":
+                        factor = lr_factor(global_step, total, cfg.warmup_steps, cfg.schedule)
+                        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                            group["lr"] = base * factor
                     optimizer.zero_grad(set_to_none=True)
                     data_loss = criterion(model(x), y)
                     loss = data_loss
                     if prox:
                         sq = torch.stack([(p - g).pow(2).sum() for p, g in prox]).sum()
                         loss = data_loss + 0.5 * cfg.prox_mu * sq
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
                     steps += 1
                     samples += len(idx)

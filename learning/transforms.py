@@ -14,7 +14,10 @@ both see the same pixels. A step is a function ``Image -> Image`` built from its
   values already, so without an explicit center/width they pass unchanged.
 - ``to_grayscale`` (ITU-R BT.601 luma) and ``to_rgb`` (grey replicated); YBR was converted to
   RGB by the decoder.
-- ``resize``: bilinear, per channel, in float.
+- ``resize``: bilinear, per channel, in float. A pipeline with a resize first shrinks the stored
+  pixels by the largest whole factor that keeps them at least the target size (box average, in
+  their own integer type: :func:`shrink_for`), so no step ever turns a full-size image into
+  float32 (a 64 Mi-pixel image would take 256 MiB per channel).
 - ``scale_to_unit``: stored values to [0, 1] by their nominal range (uint8: /255), else min-max.
 - ``normalize``: ``(x - mean) / std`` per channel.
 """
@@ -29,10 +32,11 @@ import numpy as np
 import PIL.Image
 from pydantic import TypeAdapter, ValidationError
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from learning.dicom import Image, ImageRejected
-from protocol.profile import (
+from protocol.errors import Reason
+from protocol.preprocessing import (
     DicomRescale,
     InvertMonochrome1,
     Normalize,
@@ -54,19 +58,21 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 # -- the steps --------------------------------------------------------------------------------------
 def select_frame(index: int | str = "middle") -> Step:
+    """Keep one frame of a multi-frame image (``middle`` by default, negative from the end)."""
     def step(img: Image) -> Image:
         n = img.frames
         i = n // 2 if index == "middle" else int(index)
         if i < 0:
             i += n
         if not 0 <= i < n:
-            raise ImageRejected("frame_out_of_range", f"frame {index} of an image with {n} frame(s)")
+            raise ImageRejected(f"frame {index} of an image with {n} frame(s)", reason=Reason.FRAME_OUT_OF_RANGE)
         return replace(img, pixels=img.pixels[i : i + 1])
 
     return step
 
 
 def dicom_rescale() -> Step:
+    """Apply a grayscale DICOM's modality LUT or rescale slope/intercept (stored values to modality units)."""
     def step(img: Image) -> Image:
         ds = img.dataset
         if ds is None or img.channels != 1 or img.unit:
@@ -81,6 +87,7 @@ def dicom_rescale() -> Step:
 
 
 def invert_monochrome1() -> Step:
+    """Make MONOCHROME1 images (white is low) MONOCHROME2, now or once the pixels are in [0, 1]."""
     def step(img: Image) -> Image:
         if img.photometric != "MONOCHROME1":
             return img
@@ -92,6 +99,7 @@ def invert_monochrome1() -> Step:
 
 
 def window(center: float | None = None, width: float | None = None) -> Step:
+    """Map to [0, 1] through a window: the given center/width, else the DICOM's VOI LUT or window, else min-max."""
     def step(img: Image) -> Image:
         if img.unit:
             return img
@@ -113,11 +121,12 @@ def window(center: float | None = None, width: float | None = None) -> Step:
 
 
 def to_grayscale() -> Step:
+    """RGB to one luma channel; grayscale images pass unchanged."""
     def step(img: Image) -> Image:
         if img.channels == 1:
             return img
         if img.photometric not in ("RGB",):
-            raise ImageRejected("unsupported_photometric", f"cannot convert {img.photometric} to grey")
+            raise ImageRejected(f"cannot convert {img.photometric} to grey", reason=Reason.UNSUPPORTED_PHOTOMETRIC)
         gray = np.tensordot(img.pixels.astype(np.float32, copy=False), _LUMA, axes=([3], [0]))[..., None]
         return replace(img, pixels=gray.astype(np.float32), photometric="MONOCHROME2")
 
@@ -125,6 +134,7 @@ def to_grayscale() -> Step:
 
 
 def to_rgb() -> Step:
+    """Grayscale to three equal channels; RGB images pass unchanged."""
     def step(img: Image) -> Image:
         if img.channels == 3:
             return img
@@ -134,6 +144,7 @@ def to_rgb() -> Step:
 
 
 def resize(height: int, width: int) -> Step:
+    """Bilinear resize of every frame and channel to ``height`` x ``width`` (float32)."""
     def step(img: Image) -> Image:
         f, h, w, c = img.pixels.shape
         if (h, w) == (height, width):
@@ -149,7 +160,33 @@ def resize(height: int, width: int) -> Step:
     return step
 
 
+def shrink_for(height: int, width: int) -> Step:
+    """Box-average the stored pixels by the largest whole factor that keeps them >= ``height`` x ``width``.
+
+    Runs before any step that converts to float; integer images stay integer (rounded mean), so
+    the value range and every later step see the same kind of values, only fewer of them.
+    """
+
+    def step(img: Image) -> Image:
+        f, h, w, c = img.pixels.shape
+        k = min(h // height, w // width)
+        if k < 2:
+            return img
+        x = img.pixels[:, : h // k * k, : w // k * k, :].reshape(f, h // k, k, w // k, k, c)
+        dtype = img.pixels.dtype
+        if np.issubdtype(dtype, np.integer):
+            acc = np.int64 if np.issubdtype(dtype, np.signedinteger) else np.uint64
+            total = x.sum(axis=(2, 4), dtype=acc)
+            out = ((total + (k * k) // 2) // (k * k)).astype(dtype)
+        else:
+            out = x.mean(axis=(2, 4), dtype=np.float64).astype(dtype)
+        return replace(img, pixels=out)
+
+    return step
+
+
 def scale_to_unit() -> Step:
+    """Scale to [0, 1] by the stored value range (else min-max); unit images pass unchanged."""
     def step(img: Image) -> Image:
         if img.unit:
             return img
@@ -165,6 +202,7 @@ def scale_to_unit() -> Step:
 
 
 def normalize(mean: Sequence[float], std: Sequence[float]) -> Step:
+    """``(x - mean) / std`` per channel."""
     m = np.asarray(mean, dtype=np.float32)
     s = np.asarray(std, dtype=np.float32)
     if m.shape != s.shape:
@@ -173,7 +211,8 @@ def normalize(mean: Sequence[float], std: Sequence[float]) -> Step:
     def step(img: Image) -> Image:
         if len(m) not in (1, img.channels):
             raise ImageRejected(
-                "wrong_channels", f"normalize has {len(m)} channel statistics, the image {img.channels} channels"
+                f"normalize has {len(m)} channel statistics, the image {img.channels} channels",
+                reason=Reason.WRONG_CHANNELS,
             )
         x = img.pixels.astype(np.float32, copy=False)
         return replace(img, pixels=(x - m) / s)
@@ -182,13 +221,18 @@ def normalize(mean: Sequence[float], std: Sequence[float]) -> Step:
 
 
 # -- building -------------------------------------------------------------------------------------
-def make_step(spec: PreprocessStep | Mapping[str, Any]) -> Step:
-    """One step from its profile model (or the same as a dict, e.g. from a manifest)."""
+def _parse(spec: PreprocessStep | Mapping[str, Any]) -> Any:
     if isinstance(spec, Mapping):
         try:
-            spec = _STEP_ADAPTER.validate_python(dict(spec))
+            return _STEP_ADAPTER.validate_python(dict(spec))
         except ValidationError as exc:
             raise ValueError(f"bad preprocessing step {dict(spec)!r}: {exc.errors()[0]['msg']}") from exc
+    return spec
+
+
+def make_step(spec: PreprocessStep | Mapping[str, Any]) -> Step:
+    """One step from its profile model (or the same as a dict, e.g. from a manifest)."""
+    spec = _parse(spec)
     if isinstance(spec, SelectFrame):
         return select_frame(spec.index)
     if isinstance(spec, DicomRescale):
@@ -212,14 +256,19 @@ def make_step(spec: PreprocessStep | Mapping[str, Any]) -> Step:
 
 def build_pipeline(steps: Sequence[PreprocessStep | Mapping[str, Any]]) -> Pipeline:
     """Compose the steps; the result maps an :class:`Image` to float32 ``(C, H, W)``."""
-    units = [make_step(s) for s in steps]
+    specs = [_parse(s) for s in steps]
+    units = [make_step(s) for s in specs]
+    target = next((s for s in specs if isinstance(s, Resize)), None)
+    if target is not None:  # shrink first (after frame selection), while the pixels are still integers
+        lead = next((i for i, s in enumerate(specs) if not isinstance(s, SelectFrame)), len(specs))
+        units.insert(lead, shrink_for(target.height, target.width))
 
     def run(img: Image) -> np.ndarray:
         for unit in units:
             img = unit(img)
         if img.frames != 1:
             raise ImageRejected(
-                "multi_frame", f"{img.frames} frames and no select_frame step in this box's preprocessing"
+                f"{img.frames} frames and no select_frame step in this box's preprocessing", reason=Reason.MULTI_FRAME
             )
         return np.ascontiguousarray(img.pixels[0].transpose(2, 0, 1), dtype=np.float32)
 
@@ -255,8 +304,7 @@ def _rescaled_range(ds: Dataset, stored: tuple[float, float] | None) -> tuple[fl
 
 
 def _voi_output_range(ds: Dataset) -> tuple[float, float]:
-    """The output range ``apply_voi_lut`` maps to: the LUT's bit depth, or the windowing range
-    pydicom's ``apply_windowing`` uses (stored range, after the rescale when one is present)."""
+    """The output range ``apply_voi_lut`` maps to: the LUT's bit depth, or the windowing range pydicom's ``apply_windowing`` uses (stored range, after the rescale when one is present)."""
     seq = ds.get("VOILUTSequence")
     if seq:
         return 0.0, float(2 ** int(seq[0].LUTDescriptor[2]) - 1)

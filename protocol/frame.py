@@ -26,9 +26,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol import envelope
-from protocol.codec import CodecError, ErrorFeedbackState, Tensors, TensorSpec, parse_codec
-from protocol.errors import FrameError
-from protocol.tensors import all_finite, global_norm, subtract
+from protocol.codec import (
+    CodecError,
+    ErrorFeedbackState,
+    Tensors,
+    TensorSpec,
+    downlink_decode,
+    downlink_encode,
+    parse_codec,
+)
+from protocol.errors import FrameError, Reason, codec_frame_reason
+from protocol.identifiers import Identifier
+from protocol.tensors import all_finite, global_norm, subtract, tensor_hash
 
 FRAME_MAGIC = b"FSUF"
 FRAME_FORMAT = 1
@@ -36,6 +45,8 @@ MAX_HEADER_BYTES = 1 << 20
 
 
 class TensorInfo(BaseModel):
+    """Name and shape of one tensor in a frame, in wire order."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=256)
@@ -43,13 +54,15 @@ class TensorInfo(BaseModel):
 
 
 class FrameHeader(BaseModel):
+    """The JSON header of an update or model frame (see the module docstring)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     update_id: str = Field(min_length=1, max_length=128)
-    agent_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    agent_id: Identifier
     round_id: int = Field(ge=0)
     kind: Literal["full", "delta"]
-    base_version: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    base_version: Identifier
     codec: str
     dtype: Literal["float32"] = "float32"
     tensors: list[TensorInfo]
@@ -62,11 +75,14 @@ class FrameHeader(BaseModel):
 
 @dataclass(frozen=True)
 class DecodedUpdate:
+    """A checked update: its header and the full weights it decodes to."""
+
     header: FrameHeader
     tensors: Tensors  # full weights, float32, in header order
 
 
 def specs_of(tensors: Mapping[str, np.ndarray]) -> list[TensorSpec]:
+    """The tensor specs (name, shape) of ``tensors``, in their order."""
     return [TensorSpec(name, tuple(int(d) for d in t.shape)) for name, t in tensors.items()]
 
 
@@ -88,7 +104,7 @@ def encode_update(
     pipeline = parse_codec(codec)
     arrays: Tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
     if pipeline.needs_base and base is None:
-        raise FrameError(f"codec {codec!r} needs the base model", reason="missing_base")
+        raise FrameError(f"codec {codec!r} needs the base model", reason=Reason.MISSING_BASE)
     payload = pipeline.encode(
         arrays,
         base={k: np.asarray(v, dtype=np.float32) for k, v in base.items()} if base is not None else None,
@@ -122,13 +138,13 @@ def read_header(frame: bytes) -> tuple[FrameHeader, bytes]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        raise FrameError(f"frame header {where}: {first.get('msg')}", reason="bad_header") from exc
+        raise FrameError(f"frame header {where}: {first.get('msg')}", reason=Reason.BAD_HEADER) from exc
     if len(payload) != header.payload_bytes:
         raise FrameError(
-            f"payload is {len(payload)} bytes, header says {header.payload_bytes}", reason="truncated"
+            f"payload is {len(payload)} bytes, header says {header.payload_bytes}", reason=Reason.TRUNCATED
         )
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-        raise FrameError("payload checksum mismatch", reason="checksum_mismatch")
+        raise FrameError("payload checksum mismatch", reason=Reason.CHECKSUM_MISMATCH)
     return header, payload
 
 
@@ -152,56 +168,47 @@ def decode_update(
         diff = next(((g, w) for g, w in zip(got, want, strict=False) if g != w), None)
         raise FrameError(
             f"tensors do not match the base model ({len(got)} vs {len(want)} tensors; first difference {diff})",
-            reason="shape_mismatch",
+            reason=Reason.SHAPE_MISMATCH,
         )
     try:
         pipeline = parse_codec(header.codec)
     except CodecError as exc:
-        raise FrameError(f"codec {header.codec!r}: {exc}", reason="unknown_codec") from exc
+        raise FrameError(f"codec {header.codec!r}: {exc.message}", reason=Reason.UNKNOWN_CODEC) from exc
     if pipeline.needs_base and base is None:
-        raise FrameError("delta frame but no base model to apply it to", reason="missing_base")
+        raise FrameError("delta frame but no base model to apply it to", reason=Reason.MISSING_BASE)
     base32 = {k: np.asarray(v, dtype=np.float32) for k, v in base.items()} if base is not None else None
     try:
         tensors = pipeline.decode(payload, specs=list(expected), base=base32)
     except CodecError as exc:
-        raise FrameError(f"payload does not decode: {exc}", reason=f"codec_{exc.reason}") from exc
+        raise FrameError(f"payload does not decode: {exc.message}", reason=codec_frame_reason(exc.reason)) from exc
     if not all_finite(tensors):
-        raise FrameError("update holds NaN or infinite values", reason="non_finite")
+        raise FrameError("update holds NaN or infinite values", reason=Reason.NON_FINITE)
     if max_update_norm is not None and base32 is not None:
         norm = global_norm(subtract(tensors, base32))
         if norm > max_update_norm:
-            raise FrameError(f"update norm {norm:.3g} exceeds plausible bound {max_update_norm:.3g}", reason="norm_too_large")
+            raise FrameError(f"update norm {norm:.3g} exceeds plausible bound {max_update_norm:.3g}",
+                             reason=Reason.NORM_TOO_LARGE)
     return DecodedUpdate(header, tensors)
 
 
 # -- model frames (downlink) ---------------------------------------------------------------------
 # A global model travels in the same envelope, from ``agent_id="coordinator"``: whole
-# (codec ``raw|zstd``) or as a bitwise-exact XOR delta against the version the agent runs
-# (codec ``xor|zstd``). The receiver checks the manifest's tensor hash and refuses a mismatch.
+# (codec ``raw|zstd``), as a bitwise-exact XOR delta against the version the agent runs
+# (codec ``xor|zstd``), or as the *step* from its parent in a lossy ``delta|…`` pipeline: the
+# coordinator defines that version as what the step decodes to on top of the parent
+# (:func:`encode_model_step`), so it is bit-exact too. The receiver checks the manifest's tensor
+# hash and refuses a mismatch.
 DOWNLINK_FULL = "raw|zstd"
 DOWNLINK_DELTA = "xor|zstd"
 
 
-def encode_model(
-    tensors: Mapping[str, np.ndarray], *, version: str, round_id: int = 0, base: Mapping[str, np.ndarray] | None = None,
-    base_version: str | None = None,
-) -> bytes:
-    from protocol.codec import downlink_encode
-
-    arrays: Tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    if base is not None:
-        if base_version is None:
-            raise ValueError("a delta model frame needs base_version")
-        payload = downlink_encode(arrays, {k: np.asarray(v, dtype=np.float32) for k, v in base.items()})
-        codec, kind, against = DOWNLINK_DELTA, "delta", base_version
-    else:
-        payload = parse_codec(DOWNLINK_FULL).encode(arrays)
-        codec, kind, against = DOWNLINK_FULL, "full", version
+def _model_frame(payload: bytes, codec: str, *, version: str, round_id: int, kind: Literal["full", "delta"],
+                 against: str, arrays: Mapping[str, np.ndarray]) -> bytes:
     header = FrameHeader(
         update_id=f"model-{version}",
         agent_id="coordinator",
         round_id=round_id,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         base_version=against,
         codec=codec,
         tensors=[TensorInfo(name=k, shape=tuple(v.shape)) for k, v in arrays.items()],
@@ -210,8 +217,48 @@ def encode_model(
         payload_bytes=len(payload),
         created_at=time.time(),
     )
-    head = header.model_dump_json().encode("utf-8")
-    return envelope.pack(FRAME_MAGIC, FRAME_FORMAT, head, payload)
+    return envelope.pack(FRAME_MAGIC, FRAME_FORMAT, header.model_dump_json().encode("utf-8"), payload)
+
+
+def encode_model(
+    tensors: Mapping[str, np.ndarray], *, version: str, round_id: int = 0, base: Mapping[str, np.ndarray] | None = None,
+    base_version: str | None = None,
+) -> bytes:
+    """Encode a global model as a frame from the coordinator: whole, or as a bit-exact XOR delta against ``base``."""
+    arrays: Tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    kind: Literal["full", "delta"]
+    if base is not None:
+        if base_version is None:
+            raise ValueError("a delta model frame needs base_version")
+        payload = downlink_encode(arrays, {k: np.asarray(v, dtype=np.float32) for k, v in base.items()})
+        codec, kind, against = DOWNLINK_DELTA, "delta", base_version
+    else:
+        payload = parse_codec(DOWNLINK_FULL).encode(arrays)
+        codec, kind, against = DOWNLINK_FULL, "full", version
+    return _model_frame(payload, codec, version=version, round_id=round_id, kind=kind, against=against,
+                        arrays=arrays)
+
+
+def encode_model_step(
+    new: Mapping[str, np.ndarray], *, version: str, round_id: int, base: Mapping[str, np.ndarray], base_version: str,
+    codec: str, state: ErrorFeedbackState | None, seed: int = 0,
+) -> tuple[bytes, Tensors]:
+    """The step from ``base`` to ``new`` in a lossy ``delta|…`` codec, and the weights it decodes to.
+
+    The returned weights -- ``base`` plus the decoded step, in float32, by the very code a box runs
+    -- *are* the version: publish them (their tensor hash goes into the manifest), not ``new``.
+    With ``ef`` in the codec, ``state`` carries what this step left out into the next one.
+    """
+    pipeline = parse_codec(codec)
+    if not pipeline.needs_base:
+        raise FrameError(f"a model step needs a delta codec, got {codec!r}", reason=Reason.UNKNOWN_CODEC)
+    arrays: Tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in new.items()}
+    base32: Tensors = {k: np.ascontiguousarray(base[k], dtype=np.float32) for k in arrays}
+    payload = pipeline.encode(arrays, base=base32, state=state, seed=seed)
+    published = pipeline.decode(payload, specs=specs_of(arrays), base=base32)
+    frame = _model_frame(payload, pipeline.spec, version=version, round_id=round_id, kind="delta",
+                         against=base_version, arrays=arrays)
+    return frame, published
 
 
 def decode_model(
@@ -222,26 +269,38 @@ def decode_model(
     base: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[FrameHeader, Tensors]:
     """Decode a model frame; the result must hash to ``expected_hash`` (the manifest's) bit for bit."""
-    from protocol.codec import downlink_decode
-    from protocol.tensors import tensor_hash
-
     header, payload = read_header(frame)
     if header.agent_id != "coordinator":
-        raise FrameError("model frame not from the coordinator", reason="bad_header")
+        raise FrameError("model frame not from the coordinator", reason=Reason.BAD_HEADER)
     if [(t.name, tuple(t.shape)) for t in header.tensors] != [(s.name, tuple(s.shape)) for s in expected]:
-        raise FrameError("model tensors do not match the manifest", reason="shape_mismatch")
+        raise FrameError("model tensors do not match the manifest", reason=Reason.SHAPE_MISMATCH)
     try:
         if header.codec == DOWNLINK_DELTA:
             if base is None:
-                raise FrameError("delta model frame but no base model", reason="missing_base")
+                raise FrameError("delta model frame but no base model", reason=Reason.MISSING_BASE)
             tensors = downlink_decode(payload, list(expected), {k: np.asarray(v, np.float32) for k, v in base.items()})
         elif header.codec == DOWNLINK_FULL:
             tensors = parse_codec(DOWNLINK_FULL).decode(payload, specs=list(expected))
-        else:
-            raise FrameError(f"unknown model codec {header.codec!r}", reason="unknown_codec")
+        else:  # a step from the parent in a lossy delta pipeline (encode_model_step)
+            tensors = _decode_step(header.codec, payload, expected, base)
     except CodecError as exc:
-        raise FrameError(f"model payload does not decode: {exc}", reason=f"codec_{exc.reason}") from exc
+        raise FrameError(f"model payload does not decode: {exc.message}",
+                         reason=codec_frame_reason(exc.reason)) from exc
     got = tensor_hash(tensors)
     if got != expected_hash:
-        raise FrameError(f"model tensor hash {got[:12]} != manifest {expected_hash[:12]}", reason="hash_mismatch")
+        raise FrameError(f"model tensor hash {got[:12]} != manifest {expected_hash[:12]}",
+                         reason=Reason.HASH_MISMATCH)
     return header, tensors
+
+
+def _decode_step(codec: str, payload: bytes, expected: Sequence[TensorSpec],
+                 base: Mapping[str, np.ndarray] | None) -> Tensors:
+    try:
+        pipeline = parse_codec(codec)
+    except CodecError as exc:
+        raise FrameError(f"unknown model codec {codec!r}", reason=Reason.UNKNOWN_CODEC) from exc
+    if not pipeline.needs_base:
+        raise FrameError(f"unknown model codec {codec!r}", reason=Reason.UNKNOWN_CODEC)
+    if base is None:
+        raise FrameError("model step frame but no base model", reason=Reason.MISSING_BASE)
+    return pipeline.decode(payload, specs=list(expected), base={k: np.asarray(v, np.float32) for k, v in base.items()})

@@ -16,6 +16,7 @@ import numpy as np
 
 
 def tensor_hash(tensors: Mapping[str, np.ndarray]) -> str:
+    """The v1 tensor hash (see the module docstring): names, dtypes, shapes and exact bits, in order."""
     h = hashlib.sha256()
     for name, arr in tensors.items():
         a = np.ascontiguousarray(arr)
@@ -28,12 +29,15 @@ def tensor_hash(tensors: Mapping[str, np.ndarray]) -> str:
 
 
 def global_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over every value of every tensor (float64)."""
     return float(np.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64))) for t in tensors.values())))
 
 
 def all_finite(tensors: Mapping[str, np.ndarray]) -> bool:
+    """Whether no tensor holds NaN or infinity."""
     return all(bool(np.isfinite(t).all()) for t in tensors.values())
 
 
 def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``a - b`` per tensor (float32), for the tensors of ``a``."""
     return {k: (a[k].astype(np.float32) - b[k].astype(np.float32)) for k in a}

@@ -16,31 +16,25 @@ Tree, all under ``fedscan/v1/{fleet}/``::
     models/{version}/chunks          QoS 1     model artifact chunks               coordinator -> all
     coordinator/status               retained  online/offline (Last Will)          coordinator -> all
 
-Agent ids and versions are restricted to ``[A-Za-z0-9_.-]`` so that they can never contain
-MQTT wildcards or separators, and so that a broker ACL pattern (``%c`` = client id) can pin
-each agent to its own subtree.
+Agent ids and versions are identifiers (``protocol.identifiers``: 1-64 of ``[A-Za-z0-9_.-]``, not
+``.`` or ``..``) so that they can never contain MQTT wildcards or separators, and so that a broker
+ACL pattern (``%c`` = client id) can pin each agent to its own subtree.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from protocol.errors import UnknownTopic
+from protocol.identifiers import validate_id
 
 ROOT = "fedscan/v1"
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def validate_id(value: str, what: str = "id") -> str:
-    """Return ``value`` if it is a legal agent id / version / fleet name, else raise."""
-    if not _ID.match(value) or value in {".", ".."}:
-        raise UnknownTopic(f"illegal {what} {value!r}: use 1-64 of [A-Za-z0-9_.-]", reason="illegal_id")
-    return value
 
 
 class Kind(StrEnum):
+    """The kinds of topic in the v1 tree (the path after the agent or model part)."""
+
     STATUS = "status"
     TELEMETRY = "telemetry"
     SHADOW_DESIRED = "shadow/desired"
@@ -58,6 +52,8 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True)
 class ParsedTopic:
+    """A topic taken apart: its fleet, kind and the agent, version or round it names."""
+
     fleet: str
     kind: Kind
     agent: str | None = None
@@ -76,10 +72,12 @@ class Topics:
 
     @property
     def prefix(self) -> str:
+        """``fedscan/v1/{fleet}``."""
         return f"{ROOT}/{self.fleet}"
 
     # -- per agent ---------------------------------------------------------------
     def agent(self, agent: str, kind: Kind, round_id: int | None = None) -> str:
+        """The topic of ``kind`` for ``agent`` (``round_id`` for updates)."""
         validate_id(agent, "agent id")
         base = f"{self.prefix}/agents/{agent}/{kind.value}"
         if kind is Kind.UPDATES:
@@ -89,43 +87,56 @@ class Topics:
         return base
 
     def status(self, agent: str) -> str:
+        """Retained presence of an agent."""
         return self.agent(agent, Kind.STATUS)
 
     def telemetry(self, agent: str) -> str:
+        """An agent's resource samples."""
         return self.agent(agent, Kind.TELEMETRY)
 
     def shadow_desired(self, agent: str) -> str:
+        """The version an agent should serve (retained)."""
         return self.agent(agent, Kind.SHADOW_DESIRED)
 
     def shadow_reported(self, agent: str) -> str:
+        """The version an agent serves (retained)."""
         return self.agent(agent, Kind.SHADOW_REPORTED)
 
     def tasks(self, agent: str) -> str:
+        """Round tasks for one agent."""
         return self.agent(agent, Kind.TASKS)
 
     def acks(self, agent: str) -> str:
+        """Update acknowledgements for one agent."""
         return self.agent(agent, Kind.ACKS)
 
     def updates(self, agent: str, round_id: int) -> str:
+        """One agent's update chunks for one round."""
         return self.agent(agent, Kind.UPDATES, round_id)
 
     def model_request(self, agent: str) -> str:
+        """An agent's model and chunk requests."""
         return self.agent(agent, Kind.MODEL_REQUEST)
 
     def events(self, agent: str) -> str:
+        """An agent's events for the record."""
         return self.agent(agent, Kind.EVENTS)
 
     def downloads(self, agent: str) -> str:
+        """Model chunks sent to one agent on request."""
         return self.agent(agent, Kind.DOWNLOADS)
 
     # -- models and coordinator ------------------------------------------------------
     def model_manifest(self, version: str) -> str:
+        """The retained manifest of a model version."""
         return f"{self.prefix}/models/{validate_id(version, 'version')}/manifest"
 
     def model_chunks(self, version: str) -> str:
+        """Broadcast artifact chunks of a model version."""
         return f"{self.prefix}/models/{validate_id(version, 'version')}/chunks"
 
     def coordinator_status(self) -> str:
+        """Retained presence of the coordinator."""
         return f"{self.prefix}/coordinator/status"
 
     # -- subscriptions -----------------------------------------------------------------
@@ -135,9 +146,11 @@ class Topics:
         return f"{self.prefix}/agents/+/{suffix}"
 
     def all_model_manifests(self) -> str:
+        """Wildcard filter for every model manifest."""
         return f"{self.prefix}/models/+/manifest"
 
     def all_model_chunks(self) -> str:
+        """Wildcard filter for every model's chunks."""
         return f"{self.prefix}/models/+/chunks"
 
     # -- parsing -------------------------------------------------------------------------

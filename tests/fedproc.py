@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.store import Store, open_store
 from fedscan.broker import stop_processes
 
@@ -39,6 +40,7 @@ class Federation:
     lr: float = 0.02
     local_epochs: int = 1
     extra_coordinator_args: list[str] = field(default_factory=list)
+    broker: str | None = None  # a --broker value (e.g. a cluster's node list); default 127.0.0.1:{port}
     coordinator: subprocess.Popen[bytes] | None = None
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -47,11 +49,22 @@ class Federation:
         return self.root / "coordinator"
 
     @property
+    def trust(self) -> Path:
+        """The coordinator's trust store (written by ``prepare``), given to every agent with ``--trust``."""
+        return trust_path(self.state)
+
+    @property
+    def broker_address(self) -> str:
+        """The ``--broker`` value every process gets."""
+        return self.broker or f"127.0.0.1:{self.port}"
+
+    @property
     def sites(self) -> list[str]:
         return [f"site-{i + 1}" for i in range(len(self.sizes))]
 
     def prepare(self, labels: np.ndarray) -> Store:
         self.state.mkdir(parents=True, exist_ok=True)
+        ensure_signing_key(self.state)  # the coordinator signs with this key; agents trust keys/trust.json
         store = open_store(f"sqlite:///{self.state / 'state.db'}")
         for name, idx in zip(self.sites, stratified_parts(labels, self.sizes, self.seed), strict=True):
             (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -67,18 +80,22 @@ class Federation:
 
     def start_coordinator(self) -> None:
         self.coordinator = self._spawn(
-            ["coordinator", "--state", str(self.state), "--broker", f"127.0.0.1:{self.port}",
+            ["coordinator", "--state", str(self.state), "--broker", self.broker_address,
              "--val-data", str(self.data), "--rounds", str(self.rounds), "--min-clients", str(len(self.sizes)),
              "--local-epochs", str(self.local_epochs), "--lr", str(self.lr), "--loss", "balanced_ce",
              "--seed", str(self.seed), "--threads", "1",
+             # these tests follow each round's model onto the boxes; serving the best validated
+             # model instead is tested in tests/test_served_model_selection.py
+             "--select-metric", "latest",
              *self.extra_coordinator_args],
             self.state / "coordinator.log",
         )
 
     def start_agent(self, name: str) -> None:
         self.agents[name] = self._spawn(
-            ["agent", "--id", name, "--broker", f"127.0.0.1:{self.port}", "--state", str(self.root / name / "state"),
-             "--data", str(self.data), "--indices", str(self.root / name / "indices.npy"), "--threads", "1", "--no-resource-gates"],
+            ["agent", "--id", name, "--broker", self.broker_address, "--state", str(self.root / name / "state"),
+             "--data", str(self.data), "--indices", str(self.root / name / "indices.npy"), "--threads", "1", "--no-resource-gates",
+             "--trust", str(self.trust)],
             self.root / name / "agent.log",
         )
 

@@ -23,10 +23,10 @@ from coordinator.strategies import build_strategy
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.installer import build_from_manifest
 from fedscan.compose import initial_weights, model_spec_for
+from firmware.profile import find_profile
 from protocol.codec import Tensors
 from protocol.errors import ManifestError
 from protocol.messages import Shadow, parse_message
-from protocol.profile import find_profile
 from protocol.signing import SigningKey, TrustStore
 from protocol.topics import Topics
 from protocol.transport import MemoryBroker, MemoryTransport
@@ -96,7 +96,8 @@ def test_constant_class_model_is_stopped_at_the_canary(tmp_path: Path) -> None:
                         settings=RoundSettings(rounds=0, rollout="manual"), model_spec=spec,
                         initial_tensors=lambda: v0, signer=key, validation_batch=encode_batch(x, y))
     controller = RolloutController(store, trust=trust)
-    driver = RolloutDriver(controller, ctransport, topics, period_s=0.1, publish_manifest=coord.publish_manifest)
+    driver = RolloutDriver(controller, ctransport, topics, period_s=0.1, publish_manifest=coord.publish_manifest,
+                           signer=key)
     coord.report_listeners.append(driver.on_report)
     stop = threading.Event()
     threads = []
@@ -114,7 +115,7 @@ def test_constant_class_model_is_stopped_at_the_canary(tmp_path: Path) -> None:
         _wait(lambda: all(r.reported_version == "v0" for r in store.list_agents()), 30, "agents on v0")
 
         def register(version: str, tensors: Tensors) -> None:
-            m = coord._manifest_for(version, "v0", None, tensors, {}, [])
+            m = coord.publisher.manifest_for(version, "v0", None, tensors, {}, [])
             repo.save(m, tensors, {})
             store.add_model(version=version, parent="v0", round_id=None, manifest=m.model_dump(mode="json"),
                             participants=[])

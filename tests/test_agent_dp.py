@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import tiny_v0
+from agent_helpers import tiny_trust, tiny_v0
 
-from coordinator.privacy import BudgetExhausted, RdpAccountant
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.private_training import BUDGET_FILE, PrivacyStateError, dp_training_config
+from firmware.profile import FirmwareProfile, PrivacySection, find_profile
 from learning.datasets import make_synthetic
+from learning.privacy_accounting import BudgetExhausted, RdpAccountant
 from protocol.frame import decode_update, read_header, specs_of
 from protocol.messages import AgentEvent, Task, TrainingConfig
-from protocol.profile import FirmwareProfile, PrivacySection, find_profile
 from protocol.topics import Topics
 from protocol.transport import MemoryBroker, MemoryTransport
 
@@ -41,7 +41,7 @@ def _agent(state: Path, profile: FirmwareProfile, broker: MemoryBroker | None = 
     manifest, weights = tiny_v0()
     t = MemoryTransport(broker or MemoryBroker(), "a1")
     t.connect()
-    agent = EdgeAgent(AgentSettings("a1", profile, state, threads=1), t, make_synthetic(N, seed=1))
+    agent = EdgeAgent(AgentSettings("a1", profile, state, threads=1, trust=tiny_trust()), t, make_synthetic(N, seed=1))
     agent.installer.install(manifest, weights)
     return agent
 
@@ -64,7 +64,7 @@ def test_dp_agent_spends_its_budget_across_restarts_and_then_refuses(tmp_path: P
     profile = _profile(budget)
 
     agent = _agent(tmp_path, profile)
-    header, _ = read_header(agent._train(_task(1), make_synthetic(N, seed=1)))
+    header, _ = read_header(agent.training.run(_task(1), make_synthetic(N, seed=1), "u-test"))
     m = header.metrics
     assert m["dp_steps"] == 4 and m["dp_sampling_rate"] == pytest.approx(0.25)
     assert m["dp_epsilon"] == pytest.approx(one_round, rel=1e-6) and m["dp_budget_epsilon"] == pytest.approx(budget)
@@ -76,11 +76,11 @@ def test_dp_agent_spends_its_budget_across_restarts_and_then_refuses(tmp_path: P
     broker = MemoryBroker()
     again = _agent(tmp_path, profile, broker)
     with pytest.raises(BudgetExhausted, match="privacy budget exhausted: DP-SGD round 2 refused"):
-        again._train(_task(2), make_synthetic(N, seed=1))
+        again.training.run(_task(2), make_synthetic(N, seed=1), "u-test")
     again._handle_task(_task(3), again._stop)
     events = [AgentEvent.model_validate_json(p) for t, p in broker.log if t == Topics("default").events("a1")]
     assert [e.kind for e in events] == ["training_refused"]
-    assert events[0].detail["round_id"] == 3 and "budget" in events[0].detail["detail"]
+    assert events[0].detail.round_id == 3 and "budget" in str(events[0].detail.detail)
     assert not (tmp_path / "outbox" / "round-3.fsuf").exists()  # nothing trained, nothing to send
     assert json.loads((tmp_path / BUDGET_FILE).read_text()) == stored  # a refusal spends nothing
 
@@ -90,8 +90,8 @@ def test_dp_noise_reaches_the_update(tmp_path: Path) -> None:
     only): the update really went through the DP optimizer."""
     quiet = _agent(tmp_path / "quiet", _profile(None, z=0.0))
     noisy = _agent(tmp_path / "noisy", _profile(None, z=20.0))
-    n_quiet = _delta_norm(quiet, quiet._train(_task(1), make_synthetic(N, seed=1)))
-    n_noisy = _delta_norm(noisy, noisy._train(_task(1), make_synthetic(N, seed=1)))
+    n_quiet = _delta_norm(quiet, quiet.training.run(_task(1), make_synthetic(N, seed=1), "u-test"))
+    n_noisy = _delta_norm(noisy, noisy.training.run(_task(1), make_synthetic(N, seed=1), "u-test"))
     # z·C = 20 per step on the summed clipped gradients vs a sum of at most ~16 clipped norms of 1
     assert n_noisy > 3 * n_quiet > 0
 
@@ -100,7 +100,7 @@ def test_unreadable_budget_file_refuses_training_instead_of_starting_afresh(tmp_
     (tmp_path / BUDGET_FILE).write_text("{not json")
     agent = _agent(tmp_path, _profile(8.0))
     with pytest.raises(PrivacyStateError, match="never delete it"):
-        agent._train(_task(1), make_synthetic(N, seed=1))
+        agent.training.run(_task(1), make_synthetic(N, seed=1), "u-test")
 
 
 def test_dp_config_drops_what_the_accounting_does_not_cover() -> None:

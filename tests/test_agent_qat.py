@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from agent_helpers import tiny_v0
+from agent_helpers import tiny_trust, tiny_v0
 
 from edge_agent.agent import AgentSettings, EdgeAgent
+from firmware.profile import find_profile
 from learning.datasets import make_synthetic
 from protocol.frame import decode_update, read_header, specs_of
 from protocol.messages import Task, TrainingConfig
-from protocol.profile import find_profile
 from protocol.transport import MemoryBroker, MemoryTransport
 
 
@@ -25,17 +25,18 @@ def _train_once(tmp_path: Path, qat: bool) -> tuple[list[str], dict[str, np.ndar
     broker = MemoryBroker()
     t = MemoryTransport(broker, "a1")
     t.connect()
-    agent = EdgeAgent(AgentSettings("a1", profile, tmp_path, threads=1, ack_timeout_s=0.5), t,
+    agent = EdgeAgent(AgentSettings("a1", profile, tmp_path, threads=1, ack_timeout_s=0.5, trust=tiny_trust()), t,
                       make_synthetic(64, seed=1))
     agent.installer.install(manifest, weights)
     frames: list[bytes] = []
     chunks_seen = threading.Event()
-    from protocol.chunks import Reassembler, parse_chunk
+    from protocol.chunks import parse_chunk
+    from protocol.reassembly import Reassembler
 
     r = Reassembler()
 
     def on_chunk(topic: str, payload: bytes) -> None:
-        rec = r.add(parse_chunk(payload))
+        rec = r.add("agent", parse_chunk(payload))
         if rec.complete:
             frames.append(rec.blob())
             chunks_seen.set()

@@ -33,7 +33,8 @@ def test_site_without_data_diagnoses_with_the_global_model(tmp_path: Path, broke
     with open(log, "wb") as fh:
         clinic = subprocess.Popen(
             [sys.executable, "-m", "fedscan", "agent", "--id", "clinic", "--broker", f"127.0.0.1:{broker.port}",
-             "--state", str(tmp_path / "clinic"), "--http-port", str(port), "--threads", "1", "--no-resource-gates"],
+             "--state", str(tmp_path / "clinic"), "--http-port", str(port), "--threads", "1", "--no-resource-gates",
+             "--trust", str(fed.trust)],
             stdout=fh, stderr=subprocess.STDOUT, env=env)
     fed.extra_coordinator_args = []
     fed.start_all()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agent_helpers import tiny_v0
+from agent_helpers import tiny_trust, tiny_v0
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import AgentMetrics
+from firmware.profile import find_profile
 from learning.datasets import make_synthetic
 from protocol.messages import Task, TrainingConfig
-from protocol.profile import find_profile
 from protocol.transport import MemoryBroker, MemoryTransport
 
 
@@ -25,10 +25,10 @@ def test_training_progress_reaches_the_agent_metrics(tmp_path: Path) -> None:
     manifest, weights = tiny_v0()
     t = MemoryTransport(MemoryBroker(), "a1")
     t.connect()
-    agent = EdgeAgent(AgentSettings("a1", find_profile("xray-cxr-28"), tmp_path, threads=1), t, make_synthetic(64, seed=1))
-    agent.installer.install(manifest, weights)
     metrics = AgentMetrics()
-    agent.training_observer = metrics
+    agent = EdgeAgent(AgentSettings("a1", find_profile("xray-cxr-28"), tmp_path, threads=1, trust=tiny_trust()), t, make_synthetic(64, seed=1),
+                      training_observer=metrics)
+    agent.installer.install(manifest, weights)
     seen: list[dict[str, float]] = []
     real = metrics.on_train_progress
 
@@ -39,7 +39,7 @@ def test_training_progress_reaches_the_agent_metrics(tmp_path: Path) -> None:
     metrics.on_train_progress = spy  # type: ignore[method-assign]
     task = Task(round_id=7, base_version="v0", deadline=time.time() + 60,
                 training=TrainingConfig(local_epochs=2, batch_size=16, lr=0.05))
-    agent._train(task, make_synthetic(64, seed=1))
+    agent.training.run(task, make_synthetic(64, seed=1), "u-test")
     assert seen, "the trainer never reported progress"
     assert all(s["fedscan_training_active"] == 1 and s["fedscan_training_round"] == 7 for s in seen)
     assert [s["fedscan_training_step"] for s in seen] == sorted(s["fedscan_training_step"] for s in seen)

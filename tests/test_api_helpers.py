@@ -22,9 +22,9 @@ from edge_agent.api import ApiSettings, create_app
 from edge_agent.audit import AuditLog
 from edge_agent.serving import DiagnosisService, InferenceHook, MicroBatcher, ServedModel
 from edge_agent.store import LocalStore
+from firmware.profile import InputSection, find_profile
 from learning.models import SmallCNN
 from protocol.manifest import InputSpec
-from protocol.profile import InputSection, find_profile
 
 TOKEN = "test-token-0123456789abcdef"
 CLASSES = ("normal", "pneumonia")

@@ -23,8 +23,7 @@ SETTINGS = RoundSettings(rounds=3, min_clients=2, deadline_s=60, reannounce_s=0.
 
 
 def _harness(tmp: Path) -> Harness:
-    h = Harness(tmp, ["a1", "a2", "a3"], min_clients=2)
-    h.coord.settings = SETTINGS
+    h = Harness(tmp, ["a1", "a2", "a3"], min_clients=2, settings=SETTINGS)
     h.thread.start()
     return h
 

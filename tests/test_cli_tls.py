@@ -13,6 +13,7 @@ import pytest
 from tls_broker import tls_mosquitto
 
 from coordinator.acl import acl_from_store, write_acl
+from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.pki import FleetPKI
 from coordinator.store import open_store
 from protocol.messages import Status, parse_message
@@ -31,6 +32,7 @@ def test_agent_cli_connects_with_mtls_and_is_refused_without(tmp_path: Path) -> 
     store.enroll_agent("box-1", "xray-cxr-28", [])
     acl = write_acl(tmp_path / "acl", acl_from_store(store, FLEET, observers=["auditor"]))
     store.close()
+    ensure_signing_key(tmp_path / "coord")  # the box refuses to start without a trust store
     topics = Topics(FLEET)
     with tls_mosquitto(tmp_path, pki.root, acl) as broker:
         online = threading.Event()
@@ -47,7 +49,8 @@ def test_agent_cli_connects_with_mtls_and_is_refused_without(tmp_path: Path) -> 
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
         base = [sys.executable, "-m", "fedscan", "agent", "--id", "box-1", "--broker", f"127.0.0.1:{broker.port}",
-                "--state", str(tmp_path / "box"), "--no-resource-gates", "--no-telemetry"]
+                "--state", str(tmp_path / "box"), "--no-resource-gates", "--no-telemetry",
+                "--trust", str(trust_path(tmp_path / "coord"))]
         agent = subprocess.Popen([*base, "--tls-ca", str(dev.ca), "--tls-cert", str(dev.cert), "--tls-key",
                                   str(dev.key)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.codec import CodecError, parse_codec
+from protocol.errors import FedscanError, Reason
 
 
 @pytest.mark.parametrize(
@@ -88,14 +89,14 @@ def test_flags() -> None:
     ],
 )
 def test_parse_errors(spec: str, reason: str) -> None:
-    with pytest.raises(CodecError, match=f"^{reason}") as info:
+    with pytest.raises(CodecError, match=rf"^\[{reason}\]") as info:
         parse_codec(spec)
     assert info.value.reason == reason
 
 
 def test_codec_error_is_value_error_with_registered_reason() -> None:
-    err = CodecError("truncated", "x")
-    assert isinstance(err, ValueError)
-    assert str(err) == "truncated: x"
+    err = CodecError("x", reason=Reason.TRUNCATED)
+    assert isinstance(err, ValueError) and isinstance(err, FedscanError)
+    assert str(err) == "[truncated] x" and err.message == "x"
     with pytest.raises(ValueError, match="unregistered"):
-        CodecError("not_a_reason")
+        CodecError("x", reason=Reason.NOT_ENROLLED)  # a reason of the tree, but not a codec's

@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import REASONS, CodecError, ErrorFeedbackState, TensorSpec, parse_codec, specs_of
+from protocol.codec import CODEC_REASONS, CodecError, ErrorFeedbackState, TensorSpec, parse_codec, specs_of
 from protocol.codec.wire import varint_encode, varint_scalar
 
 RNG = np.random.default_rng(7)
@@ -46,7 +46,7 @@ def _decode(spec: str, payload: bytes, specs: list[TensorSpec] | None = None) ->
 def _reason(spec: str, payload: bytes, specs: list[TensorSpec] | None = None) -> str:
     with pytest.raises(CodecError) as info:
         _decode(spec, payload, specs)
-    assert info.value.reason in REASONS
+    assert info.value.reason in CODEC_REASONS
     return info.value.reason
 
 
@@ -108,7 +108,7 @@ def test_random_corruption_never_escapes_as_other_exception(spec: str, data: st.
     try:
         out = _decode(spec, bytes(payload))
     except CodecError as exc:
-        assert exc.reason in REASONS
+        assert exc.reason in CODEC_REASONS
     else:  # undetectable corruption (no checksum without zstd) still yields complete tensors
         assert [(k, v.shape, v.dtype) for k, v in out.items()] == [
             (s.name, s.shape, np.dtype(np.float32)) for s in SPECS
@@ -122,7 +122,7 @@ def test_garbage_is_rejected_or_complete(spec: str, blob: bytes) -> None:
     try:
         out = _decode(spec, blob)
     except CodecError as exc:
-        assert exc.reason in REASONS
+        assert exc.reason in CODEC_REASONS
     else:
         assert list(out) == [s.name for s in SPECS]
 

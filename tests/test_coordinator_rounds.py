@@ -12,6 +12,7 @@ import pytest
 
 from coordinator.model_repo import ModelRepository
 from coordinator.rounds import Coordinator, ModelSpec, RoundSettings
+from coordinator.rounds.state import RoundTask
 from coordinator.store import BlobStore, Store, open_store
 from coordinator.strategies import build_strategy
 from protocol.chunks import split
@@ -37,7 +38,7 @@ def _init() -> Tensors:
 
 
 class Harness:
-    def __init__(self, tmp: Path, agents: list[str], min_clients: int) -> None:
+    def __init__(self, tmp: Path, agents: list[str], min_clients: int, settings: RoundSettings | None = None) -> None:
         self.broker = MemoryBroker()
         self.store: Store = open_store(f"sqlite:///{tmp / 'state.db'}")
         for a in agents:
@@ -48,7 +49,7 @@ class Harness:
         self.coord = Coordinator(
             store=self.store, blobs=BlobStore(tmp / "blobs"), repo=ModelRepository(tmp / "models"),
             transport=self.transport, topics=self.topics, strategy=build_strategy("fedavg"),
-            settings=RoundSettings(rounds=1, min_clients=min_clients, deadline_s=30, reannounce_s=0.2),
+            settings=settings or RoundSettings(rounds=1, min_clients=min_clients, deadline_s=30, reannounce_s=0.2),
             model_spec=SPEC, initial_tensors=_init,
         )
         self.coord.start()
@@ -58,9 +59,15 @@ class Harness:
         self.tasks: list[Task] = []
         self.client = MemoryTransport(self.broker, "test-client")
         self.client.connect()
-        self.client.subscribe(self.topics.prefix + "/agents/+/acks", lambda t, p: self.acks.append(parse_message(Ack, p)))
+        self.agent_acks: list[tuple[str | None, Ack]] = []
+        self.client.subscribe(self.topics.prefix + "/agents/+/acks", self._on_ack)
         self.client.subscribe(self.topics.prefix + "/agents/+/tasks",
                               lambda t, p: self.tasks.append(parse_message(Task, p)))
+
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        ack = parse_message(Ack, payload)
+        self.acks.append(ack)
+        self.agent_acks.append((self.topics.parse(topic).agent, ack))
 
     def send(self, agent: str, round_id: int, frame: bytes, transfer: str = "u") -> None:
         for c in split(frame, transfer, 4096):
@@ -144,12 +151,74 @@ def test_missing_chunks_are_named_in_the_ack(h: Harness) -> None:
 
 def test_codec_per_device_profile(tmp_path: Path) -> None:
     """With codec "profile", each agent's task carries its firmware profile's uplink codec."""
-    hz = Harness(tmp_path, [], min_clients=1)
+    hz = Harness(tmp_path, [], min_clients=1,
+                 settings=RoundSettings(rounds=1, min_clients=1, deadline_s=30, codec="profile"))
     hz.store.enroll_agent("cxr", "xray-cxr-28", [])
     hz.store.enroll_agent("gpu", "xray-gpu-224", [])
     hz.store.enroll_agent("odd", "no-such-profile", [])
-    hz.coord.settings = RoundSettings(rounds=1, min_clients=1, deadline_s=30, codec="profile")
-    hz.coord._announce(1, "v0", time.time() + 30)
+    hz.coord.tasks.announce(RoundTask(1, "v0", time.time() + 30))
     hz.wait(lambda: len(hz.tasks) >= 3)
     codecs = sorted(t.codec for t in hz.tasks)
     assert codecs == sorted(["raw", "delta|topk:0.01|ef|q:8|zstd", "raw"])
+
+
+def test_another_agents_update_id_is_no_duplicate(h: Harness) -> None:
+    """a1 uploads first under the id a2 will use: a2 is still accepted, never told "duplicate" (issue 15 item 1)."""
+    base = _init()
+    good = {k: v + 0.01 for k, v in base.items()}
+    taken = "a2-r1-00000000"  # predictable ids were {agent}-r{round}-{hash of the seed}
+    h.send("a1", 1, _frame("a1", good, update_id=taken), taken)
+    h.wait(lambda: ("a1", "accepted") in {(a, k.status) for a, k in h.agent_acks})
+    h.send("a2", 1, _frame("a2", good, update_id=taken), taken)
+    h.wait(lambda: any(a == "a2" for a, _ in h.agent_acks))
+    assert [k.status for a, k in h.agent_acks if a == "a2"] == ["accepted"]
+    h.wait(lambda: (r := h.store.get_round(1)) is not None and r.status == "complete")
+    assert {(u.agent_id, u.update_id) for u in h.store.list_updates(1)} == {("a1", taken), ("a2", taken)}
+
+
+def _with_header(frame: bytes, old: bytes, new: bytes) -> bytes:
+    """The frame with ``old`` replaced by ``new`` in its header JSON (what a hostile box can send)."""
+    from protocol import envelope
+    from protocol.frame import FRAME_FORMAT, FRAME_MAGIC, MAX_HEADER_BYTES
+
+    head, payload = envelope.unpack(frame, magic=FRAME_MAGIC, fmt=FRAME_FORMAT, max_header=MAX_HEADER_BYTES,
+                                    what="frame")
+    assert old in head
+    return envelope.pack(FRAME_MAGIC, FRAME_FORMAT, head.replace(old, new), payload)
+
+
+def test_malformed_updates_are_answered_and_leave_no_blob(h: Harness, tmp_path: Path) -> None:
+    """NaN in metrics, a count above the database's integer range, thousands of metrics: each is
+    answered "rejected" with a reason and nothing is written (issue 15 item 7). They used to be
+    written to the blob store, then refused by the store with no answer, resent until the deadline."""
+    base = _init()
+    good = {k: v + 0.01 for k, v in base.items()}
+    nan = _with_header(encode_update(good, agent_id="a1", round_id=1, base_version="v0", sample_count=10,
+                                     metrics={"loss": 0.5}), b'"loss":0.5', b'"loss":NaN')
+    huge_count = encode_update(good, agent_id="a1", round_id=1, base_version="v0", sample_count=2**31)
+    many = encode_update(good, agent_id="a1", round_id=1, base_version="v0", sample_count=10,
+                         metrics={f"metric_{i}": 1.0 for i in range(5000)})
+    for i, frame in enumerate((nan, huge_count, many)):
+        h.send("a1", 1, frame, f"bad-{i}")
+    h.wait(lambda: sum(a.status == "rejected" for a in h.acks) == 3)
+    assert sorted(a.reason or "" for a in h.acks) == ["bad_header", "non_finite", "too_large"]
+    assert list(BlobStore(tmp_path / "blobs").iter_shas()) == [] and h.store.list_updates(1) == []
+    h.send("a1", 1, _frame("a1", good), "good")  # the round goes on
+    h.wait(lambda: any(a.status == "accepted" for a in h.acks))
+
+
+def test_transfers_are_kept_per_agent(h: Harness) -> None:
+    """Another agent's chunks under the same transfer id, or 300 junk transfers, leave a victim's
+    partial upload alone (issue 15 item 2: one reassembler keyed by transfer id let them throw it away)."""
+    base = _init()
+    victim = split(_frame("a1", {k: v + 0.01 for k, v in base.items()}), "shared-id", 1024)
+    assert len(victim) > 3
+    for c in victim[:-1]:  # all but its last chunk
+        h.client.publish(h.topics.updates("a1", 1), c)
+    for i in range(300):  # junk from a2: partial transfers that never complete
+        h.client.publish(h.topics.updates("a2", 1), split(b"x" * 2048, f"junk-{i}", 1024)[0])
+    h.send("a2", 1, _frame("a2", {k: v - 0.01 for k, v in base.items()}), "shared-id")  # same id, other agent
+    h.wait(lambda: ("a2", "accepted") in {(a, k.status) for a, k in h.agent_acks})
+    h.client.publish(h.topics.updates("a1", 1), victim[-1])
+    h.wait(lambda: ("a1", "accepted") in {(a, k.status) for a, k in h.agent_acks})
+    assert not any(k.status == "rejected" for _, k in h.agent_acks)

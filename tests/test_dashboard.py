@@ -110,6 +110,7 @@ def test_dashboard_renders_live_agents_in_headless_chromium(broker: Broker, tmp_
         dom = proc.stdout
         assert 'data-loaded="1"' in dom, "app.js did not render (fetch failed or script blocked)"
         assert '<div id="summary" class="big">3 / 3 online</div>' in dom
+        assert '<span id="page" class="muted">1–3 of 3</span>' in dom  # the server pages: one page here
         row = re.search(r'<tr data-agent="box-cxr-02" data-online="true"[^>]*>(.*?)</tr>', dom, re.S)
         assert row, "known agent missing from the table"
         cells = dict(re.findall(r'<td class="(\w+)[^"]*">([^<]*)</td>', row.group(1)))

@@ -1,4 +1,4 @@
-"""Decoders: what they accept, and every bad input refused with a reason code and HTTP status."""
+"""Decoders: what they accept, and every bad input refused with a reason code (and the HTTP status the API maps it to)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from test_api_helpers import ACCEPT, PROFILE, dicom_file, jpeg_bytes, png_bytes
 
+from edge_agent.api.errors import http_status
 from learning.dicom import ImageRejected, decode, format_of
 
 
@@ -61,71 +62,71 @@ def test_accepts_png_jpeg_and_dicom_including_jpeg2000() -> None:
 )
 def test_refused_bytes(data: bytes, ctype: str | None, status: int, reason: str) -> None:
     e = rejected(data, ctype)
-    assert (e.status_code, e.reason) == (status, reason)
+    assert (http_status(e), e.reason) == (status, reason)
 
 
 def test_truncated_png_is_corrupt() -> None:
     full = png_bytes((np.random.default_rng(0).integers(0, 255, (64, 64))).astype(np.uint8))
     e = rejected(full[: len(full) // 2], "image/png")
-    assert (e.status_code, e.reason) == (400, "corrupt_image")
+    assert (http_status(e), e.reason) == (400, "corrupt_image")
 
 
 def test_png_declared_as_jpeg_is_refused() -> None:
     e = rejected(png_bytes(np.zeros((8, 8), dtype=np.uint8)), "image/jpeg")
-    assert (e.status_code, e.reason) == (400, "corrupt_image")
+    assert (http_status(e), e.reason) == (400, "corrupt_image")
 
 
 def test_truncated_dicom() -> None:
     e = rejected(dcm("MR_truncated.dcm"), "application/dicom")
-    assert (e.status_code, e.reason) == (422, "truncated_dicom")
+    assert (http_status(e), e.reason) == (422, "truncated_dicom")
 
 
 def test_dicom_without_pixel_data() -> None:
     e = rejected(dcm("rtplan.dcm"), "application/dicom")
-    assert (e.status_code, e.reason) == (422, "no_pixel_data")
+    assert (http_status(e), e.reason) == (422, "no_pixel_data")
     assert "RT Plan" in e.message
 
 
 def test_transfer_syntax_without_a_decoder() -> None:
     # JPEG-LS needs pyjpegls / pylibjpeg-libjpeg / gdcm: none is installed on the box
     e = rejected(dcm("MR_small_jpeg_ls_lossless.dcm"), "application/dicom")
-    assert (e.status_code, e.reason) == (415, "unsupported_transfer_syntax")
+    assert (http_status(e), e.reason) == (415, "unsupported_transfer_syntax")
     assert "JPEG-LS" in e.message
 
 
 def test_over_the_byte_limit() -> None:
     small = ACCEPT.model_copy(update={"max_bytes": 4096})
     e = rejected(dcm("CT_small.dcm"), "application/dicom", small)
-    assert (e.status_code, e.reason) == (413, "too_large")
+    assert (http_status(e), e.reason) == (413, "too_large")
 
 
 def test_decompression_bomb_refused_from_the_header() -> None:
     e = rejected(png_claiming(40_000, 40_000), "image/png")  # 1.6 G pixels claimed, 1 stored
-    assert (e.status_code, e.reason) == (413, "too_many_pixels")
+    assert (http_status(e), e.reason) == (413, "too_many_pixels")
     few = ACCEPT.model_copy(update={"max_pixels": 100})
     e = rejected(dcm("CT_small.dcm"), "application/dicom", few)  # 128x128 > 100
-    assert (e.status_code, e.reason) == (413, "too_many_pixels")
+    assert (http_status(e), e.reason) == (413, "too_many_pixels")
 
 
 def test_wrong_number_of_channels() -> None:
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., 3] = 128  # translucent alpha: no meaningful 1- or 3-channel picture
     e = rejected(png_bytes(rgba, mode="RGBA"), "image/png")
-    assert (e.status_code, e.reason) == (422, "wrong_channels")
+    assert (http_status(e), e.reason) == (422, "wrong_channels")
     rgba[..., 3] = 255  # opaque alpha is dropped
     assert decode(png_bytes(rgba, mode="RGBA"), "image/png", ACCEPT).channels == 3
 
 
 def test_modality_not_accepted_by_the_stock_profile() -> None:
     e = rejected(dcm("MR_small.dcm"), "application/dicom", PROFILE.input)  # DX, CR, OT only
-    assert (e.status_code, e.reason) == (422, "modality_not_accepted")
+    assert (http_status(e), e.reason) == (422, "modality_not_accepted")
     assert "'MR'" in e.message
 
 
 def test_format_not_accepted_by_profile() -> None:
     png_only = ACCEPT.model_copy(update={"formats": ["png"]})
     e = rejected(dcm("CT_small.dcm"), "application/dicom", png_only)
-    assert (e.status_code, e.reason) == (415, "format_not_accepted")
+    assert (http_status(e), e.reason) == (415, "format_not_accepted")
 
 
 def test_content_type_parsing() -> None:
@@ -142,4 +143,4 @@ def test_no_identifier_in_refusal_messages() -> None:
 def test_decoder_present_but_unable() -> None:
     # 12-bit JPEG Extended: Pillow's plugin exists but cannot decode 12-bit samples
     e = rejected(dcm("JPEG-lossy.dcm"), "application/dicom", ACCEPT.model_copy(update={"modalities": []}))
-    assert (e.status_code, e.reason) == (415, "undecodable_pixel_data")
+    assert (http_status(e), e.reason) == (415, "undecodable_pixel_data")

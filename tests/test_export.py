@@ -19,11 +19,11 @@ from export.int8 import check_int8, quantize_int8
 from export.onnx_export import MIN_OPSET, check_onnx, cpu_session, export_onnx, export_verified_onnx, verify_onnx
 from export.pipeline import export_model
 from export.verify import INT8_TOLERANCE, Tolerance
+from firmware.profile import ExportTarget
 from learning.data_path import find_data_file
 from learning.datasets import load_medmnist, make_synthetic
 from learning.models import build_model
 from protocol.manifest import Artifact, InputSpec
-from protocol.profile import ExportTarget
 
 SPEC = InputSpec(channels=1, height=28, width=28)
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ from export.engines import (
 from export.int8 import quantize_int8
 from export.onnx_export import export_onnx
 from export.tensorrt_build import tensorrt_status
+from firmware.profile import ExportSection
 from learning.models import build_model
 from protocol.manifest import InputSpec
-from protocol.profile import ExportSection
 
 SPEC = InputSpec(channels=1, height=28, width=28)
 

@@ -46,7 +46,7 @@ def test_builder_says_unavailable_and_writes_nothing(onnx_path: tuple[torch.nn.M
     assert not ok and reason.startswith("unavailable:")
     with pytest.raises(EngineUnavailable) as err:
         build_engine(onnx_path[1], cache_dir=tmp_path / "cache", precision="fp16")
-    assert str(err.value.args[0]).startswith("unavailable:") and err.value.reason == "unavailable"
+    assert err.value.reason == "unavailable" and str(err.value).startswith("[unavailable] ")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 

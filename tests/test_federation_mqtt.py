@@ -11,12 +11,13 @@ import pytest
 from fedproc import Federation, wait_for
 from mqtt_broker import Broker
 
+from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.model_repo import ModelRepository
 from coordinator.store import open_store
 from fedscan.compose import model_spec_for
 from fedscan.experiments import split_metrics
+from firmware.profile import find_profile
 from learning.datasets import load_medmnist
-from protocol.profile import find_profile
 
 pytestmark = pytest.mark.integration
 
@@ -133,10 +134,12 @@ def test_dead_broker_gives_clear_error_and_exit_code(tmp_path: Path) -> None:
     from mqtt_broker import free_port
 
     port = free_port()  # nothing listens here
+    ensure_signing_key(tmp_path / "coord")
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "fedscan", "agent", "--id", "site-x", "--broker", f"127.0.0.1:{port}",
-         "--state", str(tmp_path / "s")], capture_output=True, text=True, timeout=120,
+         "--state", str(tmp_path / "s"), "--trust", str(trust_path(tmp_path / "coord"))],
+        capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 3, proc.stderr
     assert "unreachable after" in proc.stderr

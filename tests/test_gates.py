@@ -12,8 +12,8 @@ import pytest
 
 from edge_agent.gates import GateController, gates_open, in_training_window
 from edge_agent.telemetry import GpuSample, ResourceSample
+from firmware.profile import ResourceGates, TrainingWindow, find_profile
 from learning.trainer import PauseHook
-from protocol.profile import ResourceGates, TrainingWindow, find_profile
 
 GATES = ResourceGates(max_cpu_percent=80, max_gpu_percent=70, max_gpu_temp_c=80, min_free_memory_mb=1024)
 MONDAY = datetime(2026, 11, 23)  # a Monday

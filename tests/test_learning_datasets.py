@@ -14,11 +14,10 @@ from learning.datasets import (
     ArrayDataset,
     DatasetError,
     load_demo_splits,
-    load_dicom_files,
-    load_image_folder,
     load_medmnist,
     make_synthetic,
 )
+from learning.folders import load_dicom_files, load_image_folder
 
 
 def sample_file(name: str) -> str:
@@ -182,7 +181,7 @@ def test_image_folder_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no rows"):
         load_image_folder(tmp_path, csv)
     csv.write_text("filename,label\nok.png,cat\n")
-    with pytest.raises(DatasetError, match="not among the classes"):
+    with pytest.raises(DatasetError, match="is not one of the classes"):
         load_image_folder(tmp_path, csv, classes=["normal", "pneumonia"])
     with pytest.raises(DatasetError, match="cannot read"):
         load_image_folder(tmp_path, tmp_path / "nope.csv")
@@ -239,9 +238,9 @@ def test_dicom_bad_inputs(tmp_path: Path) -> None:
 def test_folder_pixels_match_the_serving_pipeline(tmp_path: Path) -> None:
     """Training (ArrayDataset.batch with the profile's normalize) and serving (profile pipeline on the
     uploaded bytes) see the same pixels, up to the uint8 storage rounding."""
+    from firmware.profile import find_profile
     from learning.dicom import decode
     from learning.transforms import build_pipeline
-    from protocol.profile import find_profile
 
     profile = find_profile("xray-cxr-28")
     rng = np.random.default_rng(3)

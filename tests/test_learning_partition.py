@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learning.partition import dirichlet_label_skew, iid, label_histogram, quantity_skew
+from learning.partition import by_field, dirichlet_label_skew, field_keys, iid, label_histogram, quantity_skew
 
 
 def assert_partition(parts: list[np.ndarray], n: int, k: int, min_size: int) -> None:
@@ -112,3 +112,42 @@ def test_label_skew_repairs_when_draws_keep_failing() -> None:
     # the worst case hypothesis could pick stays fast
     parts = dirichlet_label_skew(np.zeros(20, dtype=np.int64), 8, 0.1, seed=1, min_size=2)
     assert_partition(parts, 20, 8, 2)
+
+
+# ---------------------------------------------------------------------------------------------- by field
+def test_by_field_keeps_large_groups_and_merges_small_ones_to_the_nearest() -> None:
+    keys = [(1000, 750)] * 6 + [(2000, 1500)] * 5 + [(3000, 2000)] * 4 + [(1010, 760)] * 2 + [(2900, 2000)]
+    fp = by_field(keys, min_size=4)
+    assert fp.names == ["1000x750", "2000x1500", "3000x2000"]
+    assert [len(p) for p in fp.parts] == [8, 5, 5]  # 1010x760 joined 1000x750, 2900x2000 joined 3000x2000
+    assert fp.members[0] == [(1000, 750), (1010, 760)] and fp.members[2] == [(3000, 2000), (2900, 2000)]
+    assert_partition(fp.parts, len(keys), 3, 1)
+    for part, member in zip(fp.parts, fp.members, strict=True):
+        assert {keys[i] for i in part} == set(member)
+    # deterministic: the same keys in the same order give the same sites
+    again = by_field(list(keys), min_size=4)
+    assert all(np.array_equal(a, b) for a, b in zip(again.parts, fp.parts, strict=True))
+
+
+def test_by_field_max_min_sites_and_non_numeric_keys() -> None:
+    keys = [(1000, 750)] * 6 + [(2000, 1500)] * 5 + [(3000, 2000)] * 4
+    capped = by_field(keys, min_size=4, max_sites=2, min_sites=2)
+    assert capped.names == ["1000x750", "2000x1500"] and [len(p) for p in capped.parts] == [6, 9]
+    promoted = by_field(keys, min_size=6, min_sites=3)  # only one group qualifies; the next two are promoted
+    assert [len(p) for p in promoted.parts] == [6, 5, 4]
+    hospitals = [("a",)] * 5 + [("b",)] * 5 + [("c",)] * 2 + [("d",)] * 2
+    fp = by_field(hospitals, min_size=4)
+    assert fp.names == ["a", "b", "other"] and [len(p) for p in fp.parts] == [5, 5, 4]
+    small_rest = by_field([("a",)] * 5 + [("b",)] * 4 + [("c",)], min_size=4)
+    assert small_rest.names == ["a", "b"] and [len(p) for p in small_rest.parts] == [5, 5]
+    with pytest.raises(ValueError, match="cannot make 3 sites"):
+        by_field([("a",), ("b",)], min_sites=3)
+    with pytest.raises(ValueError, match="min_size"):
+        by_field(keys, min_size=0)
+
+
+def test_field_keys_reads_dotted_fields_and_names_missing_ones() -> None:
+    recs = [{"meta": {"acquisition": {"pixelsX": 10, "pixelsY": 20}}}, {"meta": {"acquisition": {"pixelsX": 10}}}]
+    assert field_keys(recs[:1], ["meta.acquisition.pixelsX", "meta.acquisition.pixelsY"]) == [(10, 20)]
+    with pytest.raises(ValueError, match=r"ISIC_2: field 'meta\.acquisition\.pixelsY' is missing"):
+        field_keys(recs, ["meta.acquisition.pixelsX", "meta.acquisition.pixelsY"], ids=["ISIC_1", "ISIC_2"])

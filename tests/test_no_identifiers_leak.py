@@ -60,7 +60,7 @@ def test_agent_logs_audit_and_mqtt_hold_no_patient_identifiers(tmp_path: Path, b
             [sys.executable, "-m", "fedscan", "agent", "--id", "site-1", "--broker", f"127.0.0.1:{broker.port}",
              "--state", str(state), "--data", str(pneumonia_npz), "--indices",
              str(tmp_path / "fed" / "site-1" / "indices.npy"), "--http-port", str(port), "--threads", "1",
-             "--no-resource-gates", "--verbose"], stdout=fh, stderr=subprocess.STDOUT, env=env)
+             "--no-resource-gates", "--verbose", "--trust", str(fed.trust)], stdout=fh, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: (r := store.get_round(1)) is not None and r.status == "complete", 240, "round 1", fed)
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200, 60,

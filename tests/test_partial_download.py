@@ -19,8 +19,8 @@ from coordinator.store import BlobStore, open_store
 from coordinator.strategies import build_strategy
 from edge_agent.agent import AgentSettings, EdgeAgent
 from fedscan.compose import initial_weights, model_spec_for
+from firmware.profile import find_profile
 from protocol.chunks import parse_chunk
-from protocol.profile import find_profile
 from protocol.signing import SigningKey, TrustStore
 from protocol.topics import Topics
 from protocol.transport import MemoryBroker, MemoryTransport
@@ -93,7 +93,7 @@ def test_agent_killed_mid_download_never_activates_a_partial_model(tmp_path: Pat
         broker.broken = True
         # v1 differs from v0 everywhere: the delta download has many chunks
         v1 = {k: (v + np.float32(0.01)).astype(np.float32) for k, v in v0.items()}
-        m = coord._manifest_for("v1", "v0", None, v1, {}, [])
+        m = coord.publisher.manifest_for("v1", "v0", None, v1, {}, [])
         repo.save(m, v1, {})
         store.add_model(version="v1", parent="v0", round_id=None, manifest=m.model_dump(mode="json"), participants=[])
         controller.approve("v1")

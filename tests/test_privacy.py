@@ -10,16 +10,17 @@ import pytest
 from opacus.accountants import RDPAccountant as OpacusRDP
 
 from coordinator import robust
-from coordinator.privacy import (
+from coordinator.strategies import ClientResult, build_strategy
+from coordinator.strategies.central_dp import CentralDP
+from coordinator.strategies.fedavg import FedAvgM
+from learning.privacy_accounting import (
     BudgetExhausted,
     PrivacyBudget,
     RdpAccountant,
     combined_noise_multiplier,
+    noise_multiplier_for_epsilon,
     update_noise_multiplier_for,
 )
-from coordinator.strategies import ClientResult, build_strategy
-from coordinator.strategies.central_dp import CentralDP
-from coordinator.strategies.fedavg import FedAvgM
 
 DELTA = 1e-5
 
@@ -220,8 +221,6 @@ def test_parameter_validation() -> None:
 
 
 def test_noise_multiplier_for_epsilon_is_the_smallest_within_budget() -> None:
-    from coordinator.privacy import noise_multiplier_for_epsilon
-
     z = noise_multiplier_for_epsilon(4.0, 1e-5, 0.5, 20)
     acc = RdpAccountant()
     assert acc.epsilon_after(1e-5, z, 0.5, 20) <= 4.0 < acc.epsilon_after(1e-5, z * 0.99, 0.5, 20)

@@ -10,12 +10,41 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.chunks import Reassembler, parse_chunk, split
+from firmware.profile import (
+    ProfileError,
+    TrainingSection,
+    find_profile,
+    load_profile,
+    parse_profile,
+    profiles_dir,
+)
+from protocol.chunks import parse_chunk, split
 from protocol.errors import FrameError, MalformedMessage, UnknownTopic
 from protocol.frame import decode_model, decode_update, encode_model, encode_update, read_header, specs_of
+from protocol.identifiers import is_identifier, validate_id
 from protocol.manifest import Architecture, InputSpec, Manifest, Signature, TensorEntry
-from protocol.messages import Ack, Task, parse_message
-from protocol.profile import ProfileError, find_profile, load_profile, parse_profile, profiles_dir
+from protocol.messages import (
+    Ack,
+    AckStatus,
+    AgentEvent,
+    EventDetail,
+    EventKind,
+    Loss,
+    ModelRequest,
+    Presence,
+    Role,
+    RoundMode,
+    Shadow,
+    ShadowDetail,
+    Status,
+    Task,
+    Telemetry,
+    TrainingConfig,
+    TrainingState,
+    parse_message,
+)
+from protocol.preprocessing import OPS, Resize, parse_steps
+from protocol.reassembly import Reassembler
 from protocol.tensors import tensor_hash
 from protocol.topics import Kind, Topics
 
@@ -78,7 +107,7 @@ def test_chunks_reassemble_in_any_order_with_duplicates(data: bytes, size: int, 
     order = list(rng.permutation(len(msgs))) + list(rng.integers(0, len(msgs), size=3))
     r = Reassembler()
     for i in order:
-        rec = r.add(parse_chunk(msgs[i]))
+        rec = r.add("a1", parse_chunk(msgs[i]))
     assert rec.complete and rec.blob() == data
 
 
@@ -93,12 +122,13 @@ def test_chunk_corruption_and_changed_counts_are_refused() -> None:
         parse_chunk(msgs[0][:5])
     assert e.value.reason == "truncated"
     r = Reassembler()
-    r.add(parse_chunk(msgs[0]))
+    r.add("a1", parse_chunk(msgs[0]))
     other = split(b"a" * 1500, "t1", 100)  # same transfer id, different count
     with pytest.raises(FrameError) as e:
-        r.add(parse_chunk(other[1]))
+        r.add("a1", parse_chunk(other[1]))
     assert e.value.reason == "transfer_changed"
-    assert r.transfers["t1"].missing == list(range(1, 10))
+    transfer = r.get("a1", "t1")
+    assert transfer is not None and transfer.missing == list(range(1, 10))
 
 
 # -- update frames ----------------------------------------------------------------------------------------
@@ -219,3 +249,86 @@ def test_profile_refuses_dp_sgd_with_qat() -> None:
     assert parse_profile(dp).privacy is not None  # DP alone is fine
     with pytest.raises(ProfileError, match="cannot be combined: opacus has no per-sample"):
         parse_profile(dp.replace("training:\n", "training:\n  qat: true\n"))
+
+
+# -- typed messages and states ---------------------------------------------------------------------
+def test_states_are_enums_and_keep_their_wire_strings() -> None:
+    st = parse_message(Status, b'{"v":1,"state":"online","role":"coordinator"}')
+    assert st.state is Presence.ONLINE and st.role is Role.COORDINATOR
+    assert b'"state":"offline"' in Status(state=Presence.OFFLINE).to_bytes()
+    task = parse_message(Task, Task(round_id=1, base_version="v0", mode=RoundMode.ASYNC, deadline=1.0).to_bytes())
+    assert task.mode is RoundMode.ASYNC and task.training.loss is Loss.CE
+    ack = parse_message(Ack, b'{"v":1,"update_id":"u","round_id":1,"status":"duplicate"}')
+    assert ack.status is AckStatus.DUPLICATE and ack.status == "duplicate"
+    for bad in (b'{"v":1,"state":"away"}', b'{"v":1,"update_id":"u","round_id":1,"status":"maybe"}'):
+        with pytest.raises(MalformedMessage):
+            parse_message(Status if b"state" in bad else Ack, bad)
+
+
+def test_reported_shadow_detail_is_typed() -> None:
+    sh = Shadow(version="v2", engine="ort-cpu-fp32", detail=ShadowDetail(
+        agent="box-1", skipped={"tensorrt": "unavailable: no GPU"}, refused="v3", reason="unknown_key",
+        val_accuracy=0.9, val_accuracy_active=0.8, val_count=64))
+    back = parse_message(Shadow, sh.to_bytes())
+    assert back.detail.refused == "v3" and back.detail.val_accuracy == 0.9 and back.detail.skipped == sh.detail.skipped
+    assert b'"detail":{"agent":"box-1"' in sh.to_bytes()  # the same JSON place as before: detail.agent
+    for bad in (b'{"v":1,"version":"v1","detail":{"agnet":"x"}}',  # typo: refused, not ignored
+                b'{"v":1,"version":"v1","detail":{"val_accuracy":1.5}}',
+                b'{"v":1,"version":"v1","detail":{"refused":"../v0"}}'):
+        with pytest.raises(MalformedMessage):
+            parse_message(Shadow, bad)
+
+
+def test_agent_events_are_typed_and_keep_the_wire_names() -> None:
+    ev = AgentEvent(kind=EventKind.ERROR, detail=EventDetail.model_validate({"while": "task", "error": "boom"}))
+    wire = ev.to_bytes()
+    assert b'"while":"task"' in wire and b"null" not in wire
+    assert parse_message(AgentEvent, wire).detail.during == "task"
+    with pytest.raises(MalformedMessage):
+        parse_message(AgentEvent, b'{"v":1,"kind":"rebooted","detail":{}}')
+
+
+def test_telemetry_gpu_entries_and_training_state_are_typed() -> None:
+    t = parse_message(Telemetry, b'{"v":1,"at":1,"gpu":[{"index":0,"util_percent":12.5}],'
+                                 b'"training":{"state":"running","step":3}}')
+    assert t.gpu[0].util_percent == 12.5 and t.training["state"] is TrainingState.RUNNING
+    for bad in (b'{"v":1,"gpu":[{"index":0,"fan_rpm":3}]}', b'{"v":1,"training":{"state":"dancing"}}'):
+        with pytest.raises(MalformedMessage):
+            parse_message(Telemetry, bad)
+
+
+@pytest.mark.parametrize("bad", [".", "..", "abc\n", "a/b", "a+b", "", "x" * 65])
+def test_one_identifier_rule_everywhere(bad: str) -> None:
+    assert not is_identifier(bad)
+    with pytest.raises(UnknownTopic) as info:
+        validate_id(bad)
+    assert info.value.reason == "illegal_id"
+    with pytest.raises(MalformedMessage):
+        parse_message(ModelRequest, ModelRequest.model_construct(version=bad).model_dump_json().encode())
+    assert is_identifier("box-01.a_b") and validate_id("v12") == "v12"
+
+
+# -- preprocessing steps and the profile's training section ---------------------------------------------
+def test_manifest_preprocessing_is_typed_and_round_trips() -> None:
+    steps = find_profile("xray-cxr-28").preprocessing
+    assert steps and all(s.op in OPS for s in steps)
+    m = Manifest(version="v1", architecture=Architecture(name="small_cnn"), classes=["a", "b"],
+                 input=InputSpec(channels=1, height=28, width=28), preprocessing=list(steps), tensors=[],
+                 tensor_hash="0" * 64)
+    back = Manifest.model_validate_json(m.to_bytes())
+    assert back.preprocessing == list(steps) and isinstance(back.preprocessing[0], type(steps[0]))
+    assert back.canonical_bytes() == m.canonical_bytes()
+    for bad in ([{"op": "sharpen"}], [{"op": "resize", "height": 28}], [{"op": "window", "gamma": 2}]):
+        with pytest.raises(ValueError):
+            Manifest.model_validate({**m.model_dump(mode="json"), "preprocessing": bad})
+    assert parse_steps([{"op": "resize", "height": 32, "width": 32}]) == [Resize(height=32, width=32)]
+
+
+def test_profile_training_section_is_the_task_config_plus_box_settings() -> None:
+    assert issubclass(TrainingSection, TrainingConfig)
+    section = TrainingSection(lr=0.05, qat=True)
+    assert section.momentum == TrainingConfig().momentum and section.qat
+    as_task = TrainingConfig.model_validate(section.model_dump(exclude={"qat", "threads"}))
+    assert as_task.lr == 0.05
+    with pytest.raises(ProfileError, match=r"training\.lr"):
+        parse_profile("name: x\nmodality: DX\nmodel: {classes: [a, b]}\ntraining: {lr: 0}\n")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from export.onnx_export import export_verified_onnx
+from firmware.profile import FirmwareProfile, TrainingSection
 from learning.datasets import make_synthetic
 from learning.models import build_model
 from learning.qat import (
@@ -25,7 +26,6 @@ from learning.qat import (
 )
 from learning.state import get_tensors, set_tensors, travelling_names
 from protocol.manifest import InputSpec
-from protocol.profile import FirmwareProfile, TrainingSection
 
 OBSERVER_WORDS = ("input_fq", "min_val", "max_val", "scale", "zero_point", "observer", "fake_quant")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,9 +11,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from coordinator import robust
-from coordinator.aggregate import Tensors, weighted_average
+from coordinator.aggregate import weighted_average
 from coordinator.strategies import STRATEGIES, ClientResult, build_strategy
 from coordinator.strategies.robust import Krum, Median, MultiKrum, NormBound, TrimmedMean
+from protocol.codec import Tensors
 
 SHAPES = {"conv.w": (3, 2), "fc.b": (4,)}
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
@@ -212,3 +215,45 @@ def test_one_vote_strategies_without_a_step_budget_get_a_warning() -> None:
         assert local_work_warning(name, budget) is None
     for name in ("fedavg", "weighted_median", "normbound"):  # weight by data or bound norms: no advice
         assert local_work_warning(name, epochs) is None
+
+
+# ------------------------------------------------------------------ self-reported sample counts (issue 15 item 3)
+COUNT_WEIGHTED = [("fedavg", {}), ("fedprox", {}), ("fedavgm", {"momentum": 0.0}), ("fedadam", {}), ("fedyogi", {}),
+                  ("weighted_median", {}), ("weighted_trimmed_mean", {"beta": 0.0}),
+                  ("normbound", {"weighted": True, "max_norm": 1e9})]
+
+
+def _liar_round(liar_count: int) -> tuple[Tensors, list[ClientResult]]:
+    base = {"w": np.zeros(3, dtype=np.float32)}
+    results = [ClientResult(f"honest-{i}", {"w": np.full(3, 1.0, dtype=np.float32)}, sample_count=100)
+               for i in range(4)]
+    results.append(ClientResult("liar", {"w": np.full(3, -1000.0, dtype=np.float32)}, sample_count=liar_count))
+    return base, results
+
+
+@pytest.mark.parametrize(("name", "kw"), COUNT_WEIGHTED, ids=[n for n, _ in COUNT_WEIGHTED])
+def test_a_claimed_sample_count_buys_at_most_count_cap_median_clients(name: str, kw: dict[str, Any]) -> None:
+    base, results = _liar_round(2_147_483_647)
+    new, report = build_strategy(name, **kw).aggregate(1, base, results)
+    assert report.details["capped"] == ["liar"]
+    weights = report.details["weights"]
+    assert weights[-1] == 4.0 * 100  # the default cap: 4 × the median count
+    assert weights[-1] / sum(weights) == pytest.approx(0.5)
+    if name in ("fedavg", "fedprox", "fedavgm", "normbound", "weighted_trimmed_mean"):  # weighted means: exact
+        assert new["w"] == pytest.approx(np.full(3, 0.5 * 1.0 + 0.5 * -1000.0))
+    if name == "fedavg":  # today's (uncapped) rule hands the liar the model
+        uncapped, r2 = build_strategy("fedavg", count_cap=None).aggregate(1, base, results)
+        assert r2.details["capped"] == [] and uncapped["w"] == pytest.approx(np.full(3, -1000.0), rel=1e-4)
+
+
+def test_honest_counts_within_the_cap_keep_their_weights() -> None:
+    base, results = _liar_round(350)  # 3.5 medians: not capped
+    new, report = build_strategy("fedavg").aggregate(1, base, results)
+    assert report.details["capped"] == [] and report.details["weights"] == [100, 100, 100, 100, 350]
+    assert new["w"] == pytest.approx(np.full(3, (400 - 350_000) / 750))
+
+
+@pytest.mark.parametrize("cap", [0.5, 0.0, float("inf"), float("nan")])
+def test_an_impossible_count_cap_is_refused(cap: float) -> None:
+    with pytest.raises(ValueError, match="count_cap"):
+        build_strategy("fedavg", count_cap=cap)

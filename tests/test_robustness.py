@@ -21,11 +21,11 @@ from coordinator.rounds import ModelSpec
 from fedscan import experiments
 from fedscan.attacks import AttackFn, NoiseAttack, ScaleAttack, delta_norm
 from fedscan.compose import model_spec_for
+from firmware.profile import find_profile
 from learning.datasets import ArrayDataset, load_demo_splits
 from learning.partition import dirichlet_label_skew
 from protocol.codec import Tensors
 from protocol.messages import TrainingConfig
-from protocol.profile import find_profile
 
 
 def _tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -446,3 +446,27 @@ def test_store_rollout_contract(store: Store) -> None:
     with pytest.raises(ValueError):
         store.create_rollout(version="v1", cohort={}, stages=[2, 1], agents=["a", "b"], previous={}, config={})
     assert [x.rollout_id for x in store.list_rollouts()] == [r.rollout_id]
+
+
+def test_a_rollback_carries_the_signed_order_agents_require(store: Store, ctl: RolloutController,
+                                                           clock: Clock) -> None:
+    """Going back to an older version needs a signed RollbackOrder (issue 15 item 5): the driver signs one
+    per agent, for exactly the move it asks for; moving forward carries none."""
+    key = SigningKey.generate()
+    trust = TrustStore()
+    trust.trust(key.public_raw)
+    net = Net()
+    driver = RolloutDriver(ctl, net.transport, net.topics, signer=key)
+    ctl.approve("v1")
+    r = ctl.start("v1", tags=["eu"], gates=GateConfig(soak_s=0))
+    canary = r.agents[0]
+    driver.step()
+    forward = parse_message(Shadow, net.broker.retained(net.topics.shadow_desired(canary))[0][1])
+    assert forward.version == "v1" and forward.rollback is None
+    ctl.rollback()
+    driver.step()
+    back = parse_message(Shadow, net.broker.retained(net.topics.shadow_desired(canary))[0][1])
+    assert back.version == "v0" and back.rollback is not None
+    order = back.rollback
+    assert (order.fleet, order.agent_id, order.from_version, order.to_version) == (net.topics.fleet, canary, "v1", "v0")
+    assert trust.verify_rollback(order) == key.key_id

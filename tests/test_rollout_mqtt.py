@@ -113,7 +113,7 @@ class Fleet:
         from protocol.tensors import tensor_hash
 
         m = base.model_copy(update={"version": version, "parent": "v0", "tensor_hash": tensor_hash(tensors),
-                                    "signature": None})
+                                    "signature": None, "created_at": base.created_at + 1.0})  # newer: forward-only
         m = (key or SigningKey.load(self.state / "keys" / "signing.pem")).sign_manifest(m)
         m = m.model_copy(update=changes)  # changes after signing = tampering
         repo.save(m, tensors, {})

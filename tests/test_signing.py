@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from coordinator.keys import announcements, ensure_signing_key, load_trust, rotate
-from edge_agent.installer import ModelInstaller
+from edge_agent.installer import InstallError, ModelInstaller
 from protocol.codec import Tensors
 from protocol.errors import ManifestError
 from protocol.manifest import Architecture, InputSpec, Manifest, Signature, TensorEntry
@@ -177,7 +177,7 @@ def test_installer_refuses_untrusted_and_keeps_serving(tmp_path: Path, caplog: p
         assert info.value.reason == reason
         assert not inst.has("v1") and inst.active_version == "v0"
     # a correctly signed manifest with tampered weights: the hash check still refuses
-    with pytest.raises(ManifestError) as info2:
+    with pytest.raises(InstallError) as info2:
         inst.install(key.sign_manifest(_manifest("v1", t1)), {k: v + np.float32(1e-3) for k, v in t1.items()})
     assert info2.value.reason == "hash_mismatch"
     # after retiring the key, even the already-signed good model is refused
@@ -187,9 +187,14 @@ def test_installer_refuses_untrusted_and_keeps_serving(tmp_path: Path, caplog: p
         inst.install(good, t1)
     assert info.value.reason == "retired_key"
     assert inst.active_version == "v0"
-    # without a trust store, unsigned installs are allowed, and the log says signatures are not checked
+    # without a trust store every model is refused (fail closed) ...
+    closed = ModelInstaller(tmp_path / "closed")
+    with pytest.raises(SignatureError) as info:
+        closed.install(key.sign_manifest(_manifest("v1", t1)), t1)
+    assert info.value.reason == "no_trust_store" and not closed.has("v1")
+    # ... unless the development-only insecure mode is asked for: then the log says signatures are not checked
     with caplog.at_level("WARNING"):
-        open_box = ModelInstaller(tmp_path / "open")
+        open_box = ModelInstaller(tmp_path / "open", allow_unsigned=True)
     open_box.install(_manifest("v1", t1), t1)
     assert open_box.has("v1")
     assert any("NOT checked" in r.getMessage() for r in caplog.records)

@@ -129,7 +129,7 @@ def test_open_is_idempotent_and_at_head(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == head_revision() == "0002"
+            assert MigrationContext.configure(conn).get_current_revision() == head_revision() == "0003"
     finally:
         engine.dispose()
 
@@ -330,15 +330,16 @@ def test_updates(store: Store) -> None:
     )
     assert recs[0].seq < recs[1].seq < recs[2].seq
     assert store.has_update(1, "a1") and not store.has_update(2, "a1")
-    assert store.get_update("u-a1") == recs[1] and store.get_update("nope") is None
+    assert store.get_update("a1", "u-a1") == recs[1] and store.get_update("a1", "nope") is None
+    assert store.get_update("a2", "u-a1") is None  # ids are looked up per agent
 
     # second update of the same agent in the same round: rejected, nothing written
     with pytest.raises(DuplicateError):
         store.add_update(**_update_kwargs(1, "a1", "u-other"))
-    # same update_id again (even for another round): rejected
+    # same update_id again from the same agent (even for another round): rejected
     with pytest.raises(DuplicateError):
         store.add_update(**_update_kwargs(2, "a1", "u-a1"))
-    assert store.get_update("u-other") is None
+    assert store.get_update("a1", "u-other") is None
     assert store.list_updates(1) == recs and store.list_updates(2) == []
 
     # the same agent may contribute to another round
@@ -617,7 +618,7 @@ def test_killed_process_leaves_consistent_store(db_url: str, tmp_path: Path, mod
         assert ids[:n] == [f"u{r}" for r in acknowledged]
         assert len(ids) <= n + 1
         for upd in accepted:  # every accepted row is readable and its blob intact
-            assert store.get_update(upd.update_id) == upd
+            assert store.get_update(upd.agent_id, upd.update_id) == upd
             data = blobs.get(upd.blob_sha256)
             assert len(data) == upd.nbytes and int.from_bytes(data[-4:], "big") == upd.round_id
         if mode == "exit_mid_tx":
@@ -697,3 +698,95 @@ def test_url_handling() -> None:
     with open_store("sqlite://") as mem:  # in-memory: handy for unit tests elsewhere
         mem.enroll_agent("a", "p", [])
         assert [a.agent_id for a in mem.list_agents()] == ["a"]
+
+
+# --------------------------------------------------------------------------- states as enums
+
+
+def test_states_are_enums_stored_as_the_same_strings(store: Store) -> None:
+    from coordinator.states import ModelState, RolloutState, RoundMode, RoundStatus
+
+    _seed(store)
+    store.set_round_status(1, RoundStatus.AGGREGATING)
+    rec = store.get_round(1)
+    assert rec is not None and rec.status is RoundStatus.AGGREGATING and rec.mode is RoundMode.SYNC
+    store.add_model(version="v1", parent=None, round_id=1, manifest={}, participants=[], state="canary")
+    model = store.get_model("v1")
+    assert model is not None and model.state is ModelState.CANARY
+    r = store.create_rollout(version="v1", cohort={}, stages=[1], agents=["a1"], previous={}, config={})
+    assert r.state is RolloutState.RUNNING
+    with store._engine.connect() as conn:  # the database holds the very strings it always held
+        assert conn.exec_driver_sql("SELECT status, mode FROM rounds").one() == ("aggregating", "sync")
+        assert conn.exec_driver_sql("SELECT state FROM models").scalar() == "canary"
+        assert conn.exec_driver_sql("SELECT state FROM rollouts").scalar() == "running"
+    for bad in (lambda: store.set_round_status(1, "exploded"),
+                lambda: store.set_model_state("v1", "shiny"),
+                lambda: store.create_round(2, base_version="v0", config={}, deadline=1.0, mode="eventually"),
+                lambda: store.update_rollout(r.rollout_id, state="sideways")):
+        with pytest.raises(ValueError, match="expected one of"):
+            bad()
+
+
+def test_update_ids_belong_to_their_agent(store: Store) -> None:
+    """Another agent's update id is no duplicate of mine (issue 15 item 1)."""
+    _seed(store)
+    store.create_round(2, base_version="v0", config={}, deadline=1.0)
+    mine = store.add_update(**_update_kwargs(1, "a1", "u-1"))
+    theirs = store.add_update(**_update_kwargs(1, "a2", "u-1"))  # was: DuplicateError, the victim told "duplicate"
+    assert store.get_update("a1", "u-1") == mine and store.get_update("a2", "u-1") == theirs
+    with pytest.raises(DuplicateError):
+        store.add_update(**_update_kwargs(2, "a1", "u-1"))
+
+
+def test_migration_0003_keeps_updates_and_moves_the_key(db_url: str) -> None:
+    """A database at 0002 with updates upgrades in place: rows, their order and the sequence kept."""
+    from alembic import command
+
+    from coordinator.store.db import alembic_config
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+            conn.exec_driver_sql("INSERT INTO agents (agent_id, profile, tags, enrolled_at, online) "
+                                 "VALUES ('a1', 'p', '[]', 0, false), ('a2', 'p', '[]', 0, false)")
+            conn.exec_driver_sql("INSERT INTO rounds (round_id, base_version, config, deadline, mode, status, "
+                                 "created_at, updated_at) VALUES (1, 'v0', '{}', 0, 'sync', 'collecting', 0, 0)")
+            for agent in ("a2", "a1"):
+                conn.exec_driver_sql(
+                    "INSERT INTO updates (update_id, round_id, agent_id, sample_count, metrics, blob_sha256, nbytes, "
+                    f"staleness, received_at) VALUES ('u-{agent}', 1, '{agent}', 3, '{{}}', '{SHA_A}', 1, 0, 0)")
+    finally:
+        engine.dispose()
+    with open_store(db_url) as store:
+        before = store.list_updates(1)
+        assert [(u.agent_id, u.update_id) for u in before] == [("a2", "u-a2"), ("a1", "u-a1")]
+        store.enroll_agent("a3", "p", [])
+        later = store.add_update(**_update_kwargs(1, "a3", "u-a2"))  # a2's id, another agent: accepted
+        assert later.seq > before[-1].seq
+
+
+def test_blob_put_fsyncs_the_file_its_folder_and_a_new_folder_s_parent(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob that put() returned survives a power loss: file, shard folder and, when the shard
+    folder is new, the root folder holding its entry are fsynced (issue 15 item 8)."""
+    blobs = BlobStore(tmp_path / "blobs")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    sha = blobs.put(b"first")
+    final = blobs.path(sha)
+    assert str(final.parent) in synced and str(blobs.root) in synced
+    assert any(p.startswith(str(final.parent / ".tmp-")) for p in synced)  # the file, before its rename
+    synced.clear()
+    other = next(f"x{i}".encode() for i in range(100_000)
+                 if hashlib.sha256(f"x{i}".encode()).hexdigest()[:2] == sha[:2])  # same shard folder
+    blobs.put(other)
+    assert str(final.parent) in synced and str(blobs.root) not in synced

@@ -39,16 +39,18 @@ from coordinator.rounds import Coordinator, ModelSpec, RoundSettings
 from coordinator.store import BlobStore, open_store
 from coordinator.strategies import build_strategy
 from edge_agent.agent import AgentSettings, EdgeAgent
+from firmware.profile import find_profile
 from learning.datasets import ArrayDataset
 from learning.models import build_model, model_kwargs_for
 from learning.state import get_tensors
-from protocol.chunks import Reassembler, parse_chunk
+from protocol.chunks import parse_chunk
 from protocol.codec import TensorSpec
 from protocol.errors import ProtocolError
 from protocol.frame import decode_model, decode_update, encode_update
 from protocol.manifest import InputSpec, parse_manifest
 from protocol.messages import Status, TrainingConfig
-from protocol.profile import find_profile
+from protocol.reassembly import Reassembler
+from protocol.signing import SigningKey, TrustStore
 from protocol.topics import Kind, Topics
 from protocol.transport import MqttTransport, TlsConfig
 
@@ -151,9 +153,9 @@ def _decode_everything(msgs: list[tuple[str, bytes]], topics: Topics) -> dict[st
     asm = Reassembler()
     frames: dict[str, bytes] = {}
     for topic, payload in msgs:
-        kind = topics.parse(topic).kind
-        if kind in (Kind.UPDATES, Kind.DOWNLOADS, Kind.MODEL_CHUNKS):
-            r = asm.add(parse_chunk(payload))
+        parsed_topic = topics.parse(topic)
+        if parsed_topic.kind in (Kind.UPDATES, Kind.DOWNLOADS, Kind.MODEL_CHUNKS):
+            r = asm.add(parsed_topic.agent or "coordinator", parse_chunk(payload))
             if r.complete:
                 frames[r.transfer_id] = r.blob()
     models: dict[str, dict[str, np.ndarray]] = {}
@@ -225,6 +227,9 @@ def test_round_over_mtls_and_no_training_image_leaves_a_site(tmp_path: Path) -> 
         p = pki.paths(name)
         return TlsConfig(ca_file=str(p.ca), cert_file=str(p.cert), key_file=str(p.key))
 
+    key = SigningKey.generate()  # agents verify every model against the fleet's key
+    trust = TrustStore()
+    trust.trust(key.public_raw)
     with tls_mosquitto(tmp_path, pki.root, acl) as broker:
         auditor = Auditor(broker.port, pki)
         offline = Status(state="offline", role="coordinator").to_bytes()
@@ -236,7 +241,7 @@ def test_round_over_mtls_and_no_training_image_leaves_a_site(tmp_path: Path) -> 
             transport=ct, topics=topics, strategy=build_strategy("fedavg"),
             settings=RoundSettings(rounds=1, min_clients=2, deadline_s=90, reannounce_s=2.0, codec="raw",
                                    training=TrainingConfig(local_epochs=1, batch_size=16, lr=0.05)),
-            model_spec=spec, initial_tensors=initial,
+            model_spec=spec, initial_tensors=initial, signer=key,
         )
         stop = threading.Event()
         agents, transports, threads = [], [], []
@@ -245,7 +250,7 @@ def test_round_over_mtls_and_no_training_image_leaves_a_site(tmp_path: Path) -> 
             for a, ds in zip(AGENTS, datasets, strict=True):
                 t = MqttTransport(a, "127.0.0.1", broker.port, tls=tls(a))
                 t.connect()
-                agent = EdgeAgent(AgentSettings(a, profile, tmp_path / a, fleet=FLEET, threads=1), t, ds)
+                agent = EdgeAgent(AgentSettings(a, profile, tmp_path / a, fleet=FLEET, threads=1, trust=trust), t, ds)
                 agent.start()
                 transports.append(t)
                 agents.append(agent)

@@ -42,7 +42,7 @@ def _run(tmp: Path, npz: Path, labels: object, *, load: bool) -> tuple[str, list
                 [sys.executable, "-m", "fedscan", "agent", "--id", "site-1", "--broker", f"127.0.0.1:{broker.port}",
                  "--state", str(tmp / "state"), "--data", str(npz), "--indices",
                  str(tmp / "fed" / "site-1" / "indices.npy"), "--http-port", str(port), "--threads", "1",
-                 "--no-resource-gates"], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                 "--no-resource-gates", "--trust", str(fed.trust)], stdout=fh, stderr=subprocess.STDOUT, env=env)
         first_request: float | None = None
         try:
             if load:

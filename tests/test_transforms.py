@@ -11,9 +11,9 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from test_api_helpers import PROFILE, dicom_file, jpeg_bytes, png_bytes
 
+from firmware.profile import InputSection
 from learning import transforms as T
 from learning.dicom import Image, ImageRejected, decode, decode_dataset, image_from_array
-from protocol.profile import InputSection
 
 ANY = InputSection(channels=1, modalities=[])
 

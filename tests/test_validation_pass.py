@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import fedscan.compose as compose
+import coordinator.validation_pass as validation_pass
+from coordinator.model_spec import model_spec_for
 from fedscan import experiments
+from firmware.profile import find_profile
 from learning.datasets import ArrayDataset
 from learning.metrics import evaluate
 from learning.models import build_model
 from learning.state import set_tensors
-from protocol.profile import find_profile
 
 
 @pytest.fixture()
@@ -22,16 +23,16 @@ def val() -> ArrayDataset:
 
 
 def test_one_forward_pass_per_model(val: ArrayDataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = compose.model_spec_for(find_profile("xray-cxr-28"))
+    spec = model_spec_for(find_profile("xray-cxr-28"))
     calls: list[int] = []
-    real = compose.predict_logits
+    real = validation_pass.predict_logits
 
     def counting(*a, **k):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(compose, "predict_logits", counting)
-    vp = compose.ValidationPass(spec, val)
+    monkeypatch.setattr(validation_pass, "predict_logits", counting)
+    vp = validation_pass.ValidationPass(spec, val)
     w0, w1 = experiments.initial(spec, 0), experiments.initial(spec, 1)
     m0 = vp.metrics(w0)
     c0 = vp.calibration(w0)

@@ -1,9 +1,11 @@
 """Fleet dashboard: one FastAPI router serving a static page and the JSON it polls.
 
 ``GET {base}`` — the page (HTML + ``app.js`` + ``style.css``, all served from this package: no
-CDN, the coordinator may have no internet). ``GET {base}/api/fleet`` — the fleet view snapshot
-(agents, online state, model versions, current resources and recent history) plus the current
-round and rollout progress from two optional callables the composition root provides::
+CDN, the coordinator may have no internet). ``GET {base}/api/fleet`` — one page of the fleet
+view snapshot (agents, online state, model versions, current resources and recent history;
+``offset``/``limit`` page it, ``q`` filters by agent id, ``state`` by presence, ``matching``
+says how many agents pass, ``total``/``online`` count the fleet) plus the current round and
+rollout progress from two optional callables the composition root provides::
 
     app.include_router(dashboard_router(view, round_info=rounds.progress, rollout_info=rollout.progress))
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
@@ -59,6 +61,7 @@ def dashboard_router(
     base: str = "/dashboard",
     refresh_s: float = 2.0,
 ) -> APIRouter:
+    """The dashboard's routes: the page, its static assets and the JSON it polls."""
     base = "/" + base.strip("/")
     router = APIRouter()
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
@@ -79,8 +82,15 @@ def dashboard_router(
         return Response(_asset(name), media_type=_ASSETS[name], headers=headers)
 
     @router.get(base + "/api/fleet")
-    def fleet(points: int = Query(120, ge=0, le=2000)) -> dict[str, Any]:
-        snap = view.snapshot(history_points=points)
+    def fleet(
+        points: int = Query(120, ge=0, le=2000),
+        offset: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=500),
+        q: str = Query("", max_length=64),
+        state: Literal["all", "online", "offline"] = "all",
+    ) -> dict[str, Any]:
+        snap = view.snapshot(history_points=points, offset=offset, limit=limit, query=q or None,
+                             online=None if state == "all" else state == "online")
         snap["round"] = _call(round_info)
         snap["rollout"] = _call(rollout_info)
         return snap

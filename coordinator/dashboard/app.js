@@ -6,8 +6,11 @@
   const REFRESH_MS = parseInt(document.querySelector('meta[name="fedscan-refresh-ms"]').content, 10) || 2000;
   const SVGNS = "http://www.w3.org/2000/svg";
   const SERIES = ["cpu", "mem", "disk", "gpu_util", "gpu_temp"];
+  const PAGE = 100;  // agents per page: the server pages and filters, a fleet of thousands stays light
   let selected = null;
   let last = null;
+  let offset = 0;
+  let timer = null;
 
   function el(tag, attrs, text) {
     const e = document.createElement(tag);
@@ -133,10 +136,14 @@
 
   function render(data) {
     if (!data) return;
-    const filter = document.getElementById("filter").value.trim().toLowerCase();
-    const agents = data.agents.filter((a) => !filter || a.agent.toLowerCase().includes(filter));
+    const agents = data.agents;
     if (!selected || !data.agents.some((a) => a.agent === selected)) selected = data.agents.length ? data.agents[0].agent : null;
     document.getElementById("summary").textContent = `${data.online} / ${data.total} online`;
+    const matching = data.matching ?? agents.length;
+    document.getElementById("page").textContent =
+      matching ? `${data.offset + 1}–${data.offset + agents.length} of ${matching}` : "no agents match";
+    document.getElementById("prev").disabled = data.offset <= 0;
+    document.getElementById("next").disabled = data.offset + agents.length >= matching;
     kv(document.getElementById("round"), data.round);
     kv(document.getElementById("rollout"), data.rollout);
     const tbody = document.querySelector("#agents tbody");
@@ -150,10 +157,23 @@
     document.body.setAttribute("data-agents", String(data.total));
   }
 
+  function query() {
+    const p = new URLSearchParams({ points: "120", offset: String(offset), limit: String(PAGE),
+                                    q: document.getElementById("filter").value.trim(),
+                                    state: document.getElementById("state").value });
+    return API + "?" + p.toString();
+  }
+
+  function schedule(ms) {
+    if (timer !== null) clearTimeout(timer);
+    timer = setTimeout(poll, ms);
+  }
+
   async function poll() {
     const banner = document.getElementById("banner");
+    timer = null;
     try {
-      const resp = await fetch(API + "?points=120", { cache: "no-store" });
+      const resp = await fetch(query(), { cache: "no-store" });
       if (!resp.ok) throw new Error("HTTP " + resp.status);
       last = await resp.json();
       banner.hidden = true;
@@ -162,9 +182,13 @@
       banner.hidden = false;
       banner.textContent = "cannot reach the coordinator (" + err.message + "); showing the last data";
     } finally {
-      setTimeout(poll, REFRESH_MS);
+      if (timer === null) schedule(REFRESH_MS);
     }
   }
-  document.getElementById("filter").addEventListener("input", () => render(last));
+  function restart() { offset = 0; schedule(150); }
+  document.getElementById("filter").addEventListener("input", restart);
+  document.getElementById("state").addEventListener("change", restart);
+  document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); schedule(0); });
+  document.getElementById("next").addEventListener("click", () => { offset += PAGE; schedule(0); });
   poll();
 })();

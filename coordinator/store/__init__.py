@@ -23,8 +23,17 @@ Layout
 ``db.py``
     Engine setup (SQLite WAL/FULL sync/foreign keys/busy timeout, PostgreSQL)
     and the programmatic ``upgrade_to_head`` run by :func:`open_store`.
+``transactions.py``
+    :class:`Database`: one transaction per call, driver errors as :class:`StoreError`.
+``checks.py``
+    Argument checks (pure functions) shared by the repositories.
+``records.py``
+    The frozen records and how each is read from a row (``from_row``).
+``agents.py`` / ``rounds.py`` / ``models.py`` / ``events.py``
+    One repository per aggregate: agents; rounds + updates; models + rollouts; events.
 ``store.py``
-    :class:`Store`; ``blobs.py``: :class:`BlobStore`.
+    :class:`Store`, the façade holding the four repositories, and :func:`open_store`;
+    ``blobs.py``: :class:`BlobStore`.
 
 Adding a table later (e.g. rollouts)
 ------------------------------------
@@ -41,9 +50,10 @@ Adding a table later (e.g. rollouts)
 2. Add the same ``sa.Table("rollouts", metadata, ...)`` to ``schema.py``.
    ``test_schema_matches_migrations`` fails until 1 and 2 agree, on both
    backends.
-3. Add a ``RolloutRecord`` dataclass to ``records.py`` and the methods to
-   :class:`Store` (one ``with self._tx(write=True)`` block per method), plus
-   contract tests in ``tests/test_store.py``.
+3. Add a ``RolloutRecord`` dataclass (with ``from_row``) to ``records.py`` and
+   the methods to the repository of its aggregate (one
+   ``with self._db.tx(write=True)`` block per method), plus contract tests in
+   ``tests/test_store.py``.
 Existing databases pick the revision up automatically on the next
 :func:`open_store`.  A database migrated by *newer* code is refused with
 :class:`StoreError` rather than touched.

@@ -63,7 +63,9 @@ class BlobStore:
                 return sha  # already stored (a corrupt copy is rewritten below)
         except FileNotFoundError:
             pass
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.parent.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.root)  # the new shard folder's entry must survive a power loss too
         fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=final.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -98,6 +100,7 @@ class BlobStore:
         return data
 
     def has(self, sha: str) -> bool:
+        """Whether blob ``sha`` exists (not checked for corruption)."""
         return self.path(sha).is_file()
 
     def delete(self, sha: str) -> bool:
@@ -119,12 +122,16 @@ class BlobStore:
                         yield entry.name
 
     def sweep_temp(self, max_age_s: float = 3600.0) -> int:
-        """Remove temp files left by writers killed mid-``put``; returns how many."""
+        """Remove temp files left by writers killed mid-``put``; returns how many.
+
+        Only files older than ``max_age_s`` go, so a writer still at work keeps its file; the
+        coordinator sweeps with 0 at start-up, when nothing of its own is writing yet.
+        """
         cutoff = time.time() - max_age_s
         removed = 0
         for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
             try:
-                if tmp.stat().st_mtime < cutoff:
+                if tmp.stat().st_mtime <= cutoff:
                     tmp.unlink()
                     removed += 1
             except FileNotFoundError:

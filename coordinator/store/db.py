@@ -43,6 +43,7 @@ _PG_MIGRATION_LOCK: Final[int] = 0x0FED5CA0
 
 
 def normalize_url(url: str) -> sa.URL:
+    """The URL with PostgreSQL names mapped to the psycopg 3 driver."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -95,16 +96,19 @@ def _make_sqlite_engine(url: sa.URL) -> Engine:
 
 
 def alembic_config() -> Config:
+    """Alembic configuration pointing at this package's migrations."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     return cfg
 
 
 def head_revision() -> str | None:
+    """The newest revision of the migrations."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None: not migrated)."""
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 

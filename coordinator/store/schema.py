@@ -74,7 +74,7 @@ updates = sa.Table(
     sa.Column("nbytes", sa.BigInteger(), nullable=False),
     sa.Column("staleness", sa.Integer(), nullable=False),
     sa.Column("received_at", sa.Double(), nullable=False),
-    sa.UniqueConstraint("update_id"),
+    sa.UniqueConstraint("agent_id", "update_id"),  # ids are the agent's own (migration 0003)
     sa.UniqueConstraint("round_id", "agent_id"),
     sa.Index(None, "blob_sha256"),
     sqlite_autoincrement=True,

@@ -1,5 +1,7 @@
-"""Central (user-level) DP with adaptive clipping — Andrew, Thakkar, McMahan, Ramaswamy 2021,
-"Differentially Private Learning with Adaptive Clipping" (NeurIPS), Algorithm 1.
+"""Central (user-level) DP with adaptive clipping.
+
+Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning with Adaptive
+Clipping" (NeurIPS), Algorithm 1.
 
 Per round, with clip norm ``C`` and ``m`` clients (``clients_per_round`` if set, else the number
 of results):
@@ -36,13 +38,16 @@ from typing import Any
 import numpy as np
 
 from coordinator import robust
-from coordinator.aggregate import Tensors, apply_delta, deltas
-from coordinator.privacy import PrivacyBudget, RdpAccountant, update_noise_multiplier_for
+from coordinator.aggregate import apply_delta, deltas
 from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
 from coordinator.strategies.fedavg import FedAvg
+from learning.privacy_accounting import PrivacyBudget, RdpAccountant, update_noise_multiplier_for
+from protocol.codec import Tensors
 
 
 class CentralDP(Strategy):
+    """User-level DP-FedAvg with adaptive clipping around an inner strategy."""
+
     name = "central_dp"
 
     def __init__(
@@ -89,6 +94,7 @@ class CentralDP(Strategy):
 
     @property
     def sampling_rate(self) -> float:
+        """The accountant's sampling rate ``clients_per_round / population`` (1 without them)."""
         if self.population is None or self.clients_per_round is None:
             return 1.0
         return self.clients_per_round / self.population
@@ -99,6 +105,7 @@ class CentralDP(Strategy):
         return np.random.default_rng([int(self.seed), int(round_id)])
 
     def configure_round(self, round_id: int) -> dict[str, Any]:
+        """The inner strategy's overrides, once the privacy budget allows the round."""
         if self.budget is not None and self.z > 0:
             self.budget.require(noise_multiplier=self.z, sampling_rate=self.sampling_rate,
                                 what=f"round {round_id}")
@@ -107,6 +114,7 @@ class CentralDP(Strategy):
         return self.inner.configure_round(round_id)
 
     def aggregate(self, round_id: int, base: Tensors, results: list[ClientResult]) -> tuple[Tensors, AggregateReport]:
+        """Clip, sum and noise the deltas, adapt the clip norm, hand the noised mean to the inner strategy."""
         if not results:
             raise ValueError("nothing to aggregate")
         if self.budget is not None:  # refuse before anything is released
@@ -145,6 +153,7 @@ class CentralDP(Strategy):
         return new, AggregateReport(details)
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """Clip norm, privacy events and the inner strategy's state."""
         out = {"clip_norm": np.asarray([self.clip_norm], dtype=np.float64)}
         if self.budget is not None:
             out["privacy/events"] = self.budget.accountant.state_array()
@@ -152,6 +161,7 @@ class CentralDP(Strategy):
         return out
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore clip norm, privacy events and the inner strategy's state."""
         if "clip_norm" in state:
             self.clip_norm = float(np.asarray(state["clip_norm"]).ravel()[0])
         if "privacy/events" in state:
@@ -166,15 +176,13 @@ def build_central_dp(
     *,
     budget_epsilon: float | None = None,
     delta: float = 1e-5,
-    inner: str | Strategy | None = None,
-    inner_kwargs: Mapping[str, Any] | None = None,
+    inner: Strategy | None = None,
     **kwargs: Any,
 ) -> CentralDP:
-    """Registry/config entry: ``budget_epsilon``/``delta`` make a :class:`PrivacyBudget`;
-    ``inner`` may name a registered strategy (e.g. ``"fedavgm"``)."""
-    if isinstance(inner, str):
-        from coordinator.strategies import build_strategy
+    """Config entry: ``budget_epsilon``/``delta`` make a :class:`PrivacyBudget`.
 
-        inner = build_strategy(inner, **dict(inner_kwargs or {}))
+    The registry (``coordinator.strategies.build_strategy("central_dp", inner="fedavgm")``)
+    resolves an inner strategy given by name before calling this.
+    """
     budget = PrivacyBudget(budget_epsilon, delta) if budget_epsilon is not None else None
     return CentralDP(budget=budget, inner=inner, **kwargs)

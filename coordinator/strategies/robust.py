@@ -1,5 +1,4 @@
-"""Byzantine-robust strategies over ``coordinator.robust``: median, trimmed mean, (multi-)Krum,
-norm bounding.
+"""Byzantine-robust strategies over ``coordinator.robust``: median, trimmed mean, Krum, norm bound.
 
 All of them work on deltas (client weights minus ``base``), give every client one vote
 (sample counts are self-reported, see ``coordinator.robust``), and put per-agent anomaly
@@ -16,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from coordinator import robust
-from coordinator.aggregate import Tensors, apply_delta, deltas
+from coordinator.aggregate import apply_delta, deltas
 from coordinator.strategies.base import AggregateReport, ClientResult, Strategy
+from coordinator.strategies.weights import DEFAULT_COUNT_CAP, check_count_cap, sample_weights
+from protocol.codec import Tensors
 
 
 class _RobustStrategy(Strategy):
@@ -49,38 +50,44 @@ class _RobustStrategy(Strategy):
 
 
 class Median(_RobustStrategy):
-    """Coordinate-wise median; ``weighted=True``: weighted by sample counts capped at ``count_cap``
-    times the round's median count."""
+    """Coordinate-wise median.
+
+    ``weighted=True``: weighted by sample counts capped at ``count_cap`` times the round's median.
+    """
 
     name = "median"
 
-    def __init__(self, weighted: bool = False, count_cap: float = 4.0, **kw: Any) -> None:
+    def __init__(self, weighted: bool = False, count_cap: float | None = DEFAULT_COUNT_CAP, **kw: Any) -> None:
         super().__init__(**kw)
-        self.weighted, self.count_cap = weighted, count_cap
+        self.weighted, self.count_cap = weighted, check_count_cap(count_cap)
 
     def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
         if not self.weighted:
             return robust.coordinate_median(ds), {}
-        w = robust.capped_weights([r.sample_count for r in results], self.count_cap)
-        return robust.weighted_median(ds, w), {"weights": [float(x) for x in w]}
+        w, capped = sample_weights(results, self.count_cap)
+        return robust.weighted_median(ds, w), {"weights": w, "capped": capped}
 
 
 class TrimmedMean(_RobustStrategy):
-    """Coordinate-wise trimmed mean; ``weighted=True`` trims ``beta`` of the weight mass per side,
-    weights being sample counts capped at ``count_cap`` times the round's median count."""
+    """Coordinate-wise trimmed mean.
+
+    ``weighted=True`` trims ``beta`` of the weight mass per side, weights being sample counts
+    capped at ``count_cap`` times the round's median count.
+    """
 
     name = "trimmed_mean"
 
-    def __init__(self, beta: float = 0.2, weighted: bool = False, count_cap: float = 4.0, **kw: Any) -> None:
+    def __init__(self, beta: float = 0.2, weighted: bool = False, count_cap: float | None = DEFAULT_COUNT_CAP,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         if not 0.0 <= beta < 0.5:
             raise ValueError("trimmed mean beta must be in [0, 0.5)")
-        self.beta, self.weighted, self.count_cap = beta, weighted, count_cap
+        self.beta, self.weighted, self.count_cap = beta, weighted, check_count_cap(count_cap)
 
     def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
         if self.weighted:
-            w = robust.capped_weights([r.sample_count for r in results], self.count_cap)
-            return robust.weighted_trimmed_mean(ds, w, self.beta), {"weights": [float(x) for x in w],
+            w, capped = sample_weights(results, self.count_cap)
+            return robust.weighted_trimmed_mean(ds, w, self.beta), {"weights": w, "capped": capped,
                                                                     "trimmed_weight_per_side": self.beta}
         k = int(np.floor(self.beta * len(ds)))
         return robust.trimmed_mean(ds, self.beta), {"trimmed_per_side": k}
@@ -97,6 +104,11 @@ class MultiKrum(_RobustStrategy):
             raise ValueError("f must be >= 0")
         self.f, self.m = f, m
 
+    @property
+    def min_results(self) -> int:
+        """Krum scores need ``2f + 3`` updates, and ``m`` of them are averaged."""
+        return max(2 * self.f + 3, self.m or 1)
+
     def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
         agg, chosen = robust.multi_krum(ds, self.f, self.m)
         picked = {results[i].agent_id for i in chosen}
@@ -107,6 +119,8 @@ class MultiKrum(_RobustStrategy):
 
 
 class Krum(MultiKrum):
+    """Krum: the single update closest to its neighbours."""
+
     name = "krum"
 
     def __init__(self, f: int = 1, **kw: Any) -> None:
@@ -118,19 +132,21 @@ class NormBound(_RobustStrategy):
 
     ``max_norm=None`` uses ``factor`` times the median delta norm of the round, which adapts to
     the model and learning rate without tuning and cannot be moved by fewer than half the
-    clients. ``weighted=True`` weights by (self-reported) sample count like FedAvg.
+    clients. ``weighted=True`` weights by (self-reported) sample count like FedAvg, capped at
+    ``count_cap`` times the round's median count.
     """
 
     name = "normbound"
 
     def __init__(self, max_norm: float | None = None, factor: float = 1.5, weighted: bool = False,
-                 **kw: Any) -> None:
+                 count_cap: float | None = DEFAULT_COUNT_CAP, **kw: Any) -> None:
         super().__init__(**kw)
         if max_norm is not None and max_norm <= 0:
             raise ValueError("max_norm must be > 0")
         if factor <= 0:
             raise ValueError("factor must be > 0")
         self.max_norm, self.factor, self.weighted = max_norm, factor, weighted
+        self.count_cap = check_count_cap(count_cap)
 
     def _combine(self, ds: list[Tensors], results: list[ClientResult]) -> tuple[Tensors, dict[str, Any]]:
         if self.max_norm is not None:
@@ -139,8 +155,9 @@ class NormBound(_RobustStrategy):
             med = float(np.median(robust.l2_norms(ds)))
             bound = self.factor * med if med > 0 else 1e-12
         bounded, _norms, clipped = robust.norm_bound(ds, bound)
-        weights = [float(r.sample_count) for r in results] if self.weighted else None
+        weights, capped = sample_weights(results, self.count_cap) if self.weighted else (None, [])
         return robust.mean(bounded, weights), {
             "norm_bound": bound,
             "clipped": [r.agent_id for r, c in zip(results, clipped, strict=True) if c],
+            **({"weights": weights, "capped": capped} if self.weighted else {}),
         }

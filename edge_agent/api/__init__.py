@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
+from edge_agent.api.request_ids import install_request_ids
 from edge_agent.api.routes import health, router
 from edge_agent.api.settings import ApiSettings
 from edge_agent.audit import AuditLog
+from edge_agent.clinic import clinic_router
 from edge_agent.serving import DiagnosisService, InferenceHook, MicroBatcher, ResultHook, ServedModel
 from edge_agent.store import LocalStore
-from protocol.profile import InputSection, ServingSection
+from firmware.profile import InputSection, ServingSection
+from protocol.jobs import Job
 
 __all__ = ["ApiSettings", "create_app"]
 
@@ -29,9 +34,12 @@ def create_app(
     on_inference_request: list[InferenceHook] | None = None,
     on_result: list[ResultHook] | None = None,
     extra_routers: Sequence[APIRouter] = (),
+    job: Job = Job.CLASSIFY,
 ) -> FastAPI:
-    """The inference app. Pass ``service`` to share one batcher with the DICOM SCP; otherwise
-    one is built from ``accept`` (the profile's ``input``) and ``serving`` (its ``serving``).
+    """Build the inference app.
+
+    Pass ``service`` to share one batcher with the DICOM SCP; otherwise one is built from
+    ``accept`` (the profile's ``input``) and ``serving`` (its ``serving``).
 
     ``on_inference_request`` is the list of callbacks run on every diagnose request (the
     trainer pauses on it); the same list object is kept, so callbacks added later count.
@@ -65,10 +73,34 @@ def create_app(
 
     app = FastAPI(title=settings.title, version="1", lifespan=lifespan)
     app.state.settings = settings
+    app.state.job = Job(job)  # the box's job (its profile's): /v1/diagnose answers 409 unless it serves classifiers
     app.state.service = svc
     app.state.on_inference_request = svc.on_inference_request  # the trainer appends its pause here
+    install_request_ids(app)
     app.include_router(health)
     app.include_router(router, tags=["diagnosis"])
+    app.include_router(clinic_router())  # the clinician's page; its data comes from the routes above
     for r in extra_routers:
         app.include_router(r)
+    _truthful_openapi(app, served)
     return app
+
+
+def _truthful_openapi(app: FastAPI, served: ServedModel) -> None:
+    """Make ``/openapi.json`` list the labels the served model takes (they change with the model)."""
+    plain = app.openapi
+    cache: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def openapi() -> dict[str, Any]:
+        classes = tuple(served.current().classes) if served.ready else ()
+        if classes not in cache:
+            app.openapi_schema = None  # FastAPI caches one schema: rebuild it for these classes
+            schema = copy.deepcopy(plain())
+            label = schema["components"]["schemas"]["FindingIn"]["properties"]["label"]
+            if classes:
+                label["enum"] = list(classes)
+            cache[classes] = schema
+        app.openapi_schema = cache[classes]
+        return cache[classes]
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
+    """Why a request was refused; the same id is in the ``X-Request-ID`` header and the box's log."""
+
     reason: str = Field(description="stable machine-readable code, e.g. 'corrupt_image'")
     message: str
+    request_id: str | None = Field(None, description="names this request in the box's log and audit")
 
 
 class ErrorOut(BaseModel):
+    """The body of every refusal."""
+
     detail: ErrorDetail
 
 
 class TimingsOut(BaseModel):
+    """Where the time of one diagnosis went, in milliseconds."""
+
     decode_ms: float
     preprocess_ms: float
     queue_ms: float
@@ -25,6 +32,8 @@ class TimingsOut(BaseModel):
 
 
 class DiagnosisOut(BaseModel):
+    """One diagnosis: label, calibrated probabilities, reliability, model and engine."""
+
     study_id: str
     label: str
     probabilities: dict[str, float] = Field(description="calibrated probability per class")
@@ -38,10 +47,16 @@ class DiagnosisOut(BaseModel):
 
 
 class FindingIn(BaseModel):
+    """A clinician's confirmed label for a study (the OpenAPI lists the served model's classes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     label: str = Field(min_length=1, max_length=64, description="the clinician's confirmed label (a class)")
 
 
 class StudyOut(BaseModel):
+    """One study of the local store and its result (no pixels, no identifiers)."""
+
     study_id: str
     created_at: float
     source: str
@@ -57,12 +72,16 @@ class StudyOut(BaseModel):
 
 
 class InputOut(BaseModel):
+    """The model input the served model takes."""
+
     channels: int
     height: int
     width: int
 
 
 class ModelOut(BaseModel):
+    """The model this box serves."""
+
     version: str
     engine: str
     classes: list[str]
@@ -74,9 +93,13 @@ class ModelOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """The process is up."""
+
     status: str = "ok"
 
 
 class ReadyOut(BaseModel):
+    """A verified model is served."""
+
     ready: bool
     model_version: str | None = None

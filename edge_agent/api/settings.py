@@ -16,6 +16,8 @@ MIN_TOKEN_CHARS = 16
 
 
 class ApiSettings(BaseModel):
+    """The API's settings (environment, bearer tokens, timeouts), refused at start when insecure."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     environment: Literal["development", "production"] = "production"
@@ -36,6 +38,7 @@ class ApiSettings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ApiSettings:
+        """Read ``FEDSCAN_API_TOKENS`` and ``FEDSCAN_ENV`` (``environ``: instead of the process environment)."""
         env = os.environ if environ is None else environ
         tokens: dict[str, str] = {}
         for item in filter(None, (s.strip() for s in env.get("FEDSCAN_API_TOKENS", "").split(","))):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from .downlink import downlink_decode, downlink_encode
 from .ef import ErrorFeedbackState
-from .errors import REASONS, CodecError
+from .errors import CODEC_REASONS, CodecError
 from .pipeline import BOMB_FACTOR, Pipeline, parse_codec
 from .tensors import Tensors, TensorSpec, specs_of
 
 __all__ = [
     "BOMB_FACTOR",
-    "REASONS",
+    "CODEC_REASONS",
     "CodecError",
     "ErrorFeedbackState",
     "Pipeline",

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 from .pipeline import BOMB_FACTOR
 from .tensors import F32, Tensors, TensorSpec, base_flats, flatten_tensors, unflatten, validate_specs
@@ -61,9 +63,9 @@ def downlink_decode(
     bases = base_flats(base, specs) if base is not None else None
     body = zstd_decompress(memoryview(payload).cast("B"), BOMB_FACTOR * 4 * total + 1024)
     if len(body) < 4 * total:
-        raise CodecError("truncated", f"downlink body {len(body)} bytes, expected {4 * total}")
+        raise CodecError(f"downlink body {len(body)} bytes, expected {4 * total}", reason=Reason.TRUNCATED)
     if len(body) > 4 * total:
-        raise CodecError("trailing_bytes", f"downlink body {len(body)} bytes, expected {4 * total}")
+        raise CodecError(f"downlink body {len(body)} bytes, expected {4 * total}", reason=Reason.TRAILING_BYTES)
     words = _unshuffle(body, total)
     if bases is not None and bases:
         words = words ^ np.concatenate(bases).view(_U32)

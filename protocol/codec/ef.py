@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 from .tensors import TensorSpec
 
@@ -76,6 +78,7 @@ class ErrorFeedbackState:
         return max((float(np.max(np.abs(v))) for v in self._res.values() if v.size), default=0.0)
 
     def clear(self) -> None:
+        """Forget every residual (e.g. after the base model changed)."""
         self._res.clear()
 
     # ------------------------------------------------------------- codec hooks
@@ -89,8 +92,8 @@ class ErrorFeedbackState:
                 continue
             if tuple(r.shape) != tuple(spec.shape):
                 raise CodecError(
-                    "shape_mismatch",
                     f"residual {spec.name!r} has shape {r.shape}, update has {spec.shape}",
+                    reason=Reason.SHAPE_MISMATCH,
                 )
             out.append(np.add(x, r.reshape(-1), dtype=np.float32))
         return out
@@ -135,11 +138,11 @@ class ErrorFeedbackState:
             with np.load(path, allow_pickle=False) as z:
                 version = int(z["version"])
                 if version != _FORMAT_VERSION:
-                    raise CodecError("bad_state", f"unsupported state version {version}")
+                    raise CodecError(f"unsupported state version {version}", reason=Reason.BAD_STATE)
                 names = [str(n) for n in z["names"].tolist()]
                 res = {n: np.array(z[f"arr_{i}"], dtype=np.float32) for i, n in enumerate(names)}
         except CodecError:
             raise
         except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise CodecError("bad_state", f"cannot read {path}: {exc}") from exc
+            raise CodecError(f"cannot read {path}: {exc}", reason=Reason.BAD_STATE) from exc
         return cls(res)

@@ -1,22 +1,7 @@
-"""Pipeline grammar and the encode/decode driver that composes the stages.
+"""The encode/decode driver that composes a parsed pipeline's stages, and its payload layout.
 
-Grammar (stages separated by ``|``, case-insensitive, whitespace ignored)::
-
-    spec    := [delta] [topk] [ef] [value] [ef] [zstd]      (at most one ef)
-    delta   := "delta"
-    topk    := "topk:" FRACTION [":global" | ":tensor"]     0 < FRACTION <= 1
-    ef      := "ef"                                         must follow topk or q
-    value   := "raw" | "q:" BITS [":block=" N] | "sign" [":block=" N]
-    zstd    := "zstd" [":" LEVEL]                           1 <= LEVEL <= 22
-
-``ef`` compensates every lossy stage before it: ``topk|ef|q:8`` feeds back the top-k
-drop only (q stays stochastic and unbiased), ``topk|q:8|ef`` / ``q:4|ef`` feed back
-everything and make q round deterministically (EF needs a contractive compressor;
-see :mod:`protocol.codec.quant` and :mod:`protocol.codec.ef`).
-
-``BITS`` is 1, 2, 4 or 8 (``sign`` is ``q:1``), ``N`` >= 1. When no value stage is
-given, ``raw`` is implied. :attr:`Pipeline.spec` is the canonical form: explicit
-``raw``, ``sign`` written ``q:1``, default parameters omitted, lower case.
+The grammar of a spec (``delta|topk:0.01|ef|q:8|zstd``) and its stages live in
+:mod:`protocol.codec.grammar`; :func:`parse_codec` turns a spec into a :class:`Pipeline`.
 
 Payload layout before ``zstd``:
 
@@ -32,19 +17,20 @@ the concatenation of all tensors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from . import zstd as zstd_mod
 from .delta import delta_decode, delta_encode
 from .ef import ErrorFeedbackState
 from .errors import CodecError
+from .grammar import DeltaStage, EFStage, QuantStage, RawStage, Stage, TopKStage, ZstdStage, canonical, parse_stages
 from .quant import (
-    SUPPORTED_BITS,
     block_count,
     dequantize,
     pack_codes,
@@ -75,152 +61,11 @@ Flat = npt.NDArray[np.float32]
 #: A zstd frame may inflate to at most this many times the raw float32 size.
 BOMB_FACTOR = 4
 _BOMB_SLACK = 1024  # headers of tiny tensor sets
-_MAX_BLOCK = 1 << 24
-
-
-@dataclass(frozen=True)
-class DeltaStage:
-    def token(self) -> str:
-        return "delta"
-
-
-@dataclass(frozen=True)
-class TopKStage:
-    fraction: float
-    global_: bool = False
-
-    def token(self) -> str:
-        return f"topk:{self.fraction!r}" + (":global" if self.global_ else "")
-
-
-@dataclass(frozen=True)
-class EFStage:
-    def token(self) -> str:
-        return "ef"
-
-
-@dataclass(frozen=True)
-class RawStage:
-    def token(self) -> str:
-        return "raw"
-
-
-@dataclass(frozen=True)
-class QuantStage:
-    bits: int
-    block: int | None = None
-
-    def token(self) -> str:
-        return f"q:{self.bits}" + ("" if self.block is None else f":block={self.block}")
-
-
-@dataclass(frozen=True)
-class ZstdStage:
-    level: int = zstd_mod.DEFAULT_LEVEL
-
-    def token(self) -> str:
-        return "zstd" if self.level == zstd_mod.DEFAULT_LEVEL else f"zstd:{self.level}"
-
-
-Stage = DeltaStage | TopKStage | EFStage | RawStage | QuantStage | ZstdStage
-
-_RANK: dict[type, int] = {
-    DeltaStage: 0,
-    TopKStage: 1,
-    RawStage: 2,
-    QuantStage: 2,
-    ZstdStage: 3,
-}
-
-
-def _bad(token: str, why: str) -> CodecError:
-    return CodecError("bad_parameter", f"{token!r}: {why}")
-
-
-def _parse_int(token: str, text: str, lo: int, hi: int) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise _bad(token, f"{text!r} is not an integer") from None
-    if not lo <= v <= hi:
-        raise _bad(token, f"{v} not in [{lo}, {hi}]")
-    return v
-
-
-def _parse_block(token: str, args: list[str]) -> int | None:
-    if not args:
-        return None
-    if len(args) > 1 or not args[0].startswith("block="):
-        raise _bad(token, "expected ':block=<n>'")
-    return _parse_int(token, args[0][len("block=") :], 1, _MAX_BLOCK)
-
-
-def _parse_stage(token: str) -> Stage:
-    name, *args = token.split(":")
-    if name == "delta" or name == "ef" or name == "raw":
-        if args:
-            raise _bad(token, f"{name} takes no parameters")
-        return DeltaStage() if name == "delta" else EFStage() if name == "ef" else RawStage()
-    if name == "topk":
-        if not args or len(args) > 2:
-            raise _bad(token, "expected topk:<fraction>[:global]")
-        try:
-            frac = float(args[0])
-        except ValueError:
-            raise _bad(token, f"{args[0]!r} is not a number") from None
-        if not (math.isfinite(frac) and 0.0 < frac <= 1.0):
-            raise _bad(token, "fraction must be in (0, 1]")
-        mode = args[1] if len(args) == 2 else "tensor"
-        if mode not in ("global", "tensor"):
-            raise _bad(token, f"unknown top-k mode {mode!r}")
-        return TopKStage(frac, mode == "global")
-    if name == "q":
-        if not args:
-            raise _bad(token, "expected q:<bits>[:block=<n>]")
-        bits = _parse_int(token, args[0], 1, 8)
-        if bits not in SUPPORTED_BITS:
-            raise _bad(token, f"bits must be one of {SUPPORTED_BITS}")
-        return QuantStage(bits, _parse_block(token, args[1:]))
-    if name == "sign":
-        return QuantStage(1, _parse_block(token, args))
-    if name == "zstd":
-        if len(args) > 1:
-            raise _bad(token, "expected zstd[:level]")
-        if not args:
-            return ZstdStage()
-        return ZstdStage(_parse_int(token, args[0], zstd_mod.MIN_LEVEL, zstd_mod.MAX_LEVEL))
-    raise CodecError("unknown_stage", f"unknown codec stage {name!r} in {token!r}")
 
 
 def parse_codec(spec: str) -> Pipeline:
-    """Parse a pipeline spec such as ``"delta|topk:0.01|ef|q:8|zstd"``."""
-    tokens = [t.strip().lower() for t in spec.split("|")]
-    if not spec.strip():
-        raise CodecError("empty_spec", "codec spec is empty")
-    if any(not t for t in tokens):
-        raise CodecError("bad_order", f"empty stage in {spec!r}")
-    stages: list[Stage] = []
-    last_rank = -1
-    for tok in tokens:
-        st = _parse_stage(tok)
-        if isinstance(st, EFStage):
-            if any(isinstance(s, EFStage) for s in stages):
-                raise CodecError("duplicate_stage", f"'ef' appears twice in {spec!r}")
-            if not stages or not isinstance(stages[-1], TopKStage | QuantStage):
-                raise CodecError("bad_order", "'ef' must directly follow topk or q")
-            stages.append(st)
-            continue
-        rank = _RANK[type(st)]
-        if any(type(s) is type(st) for s in stages):
-            raise CodecError("duplicate_stage", f"{tok!r} repeats a stage in {spec!r}")
-        if rank <= last_rank:
-            raise CodecError("bad_order", f"{tok!r} is out of order in {spec!r}")
-        last_rank = rank
-        stages.append(st)
-    if not any(isinstance(s, RawStage | QuantStage) for s in stages):
-        pos = next((i for i, s in enumerate(stages) if isinstance(s, ZstdStage)), len(stages))
-        stages.insert(pos, RawStage())
-    return Pipeline(tuple(stages))
+    """Parse a pipeline spec such as ``"delta|topk:0.01|ef|q:8|zstd"`` (grammar: :mod:`.grammar`)."""
+    return Pipeline(parse_stages(spec))
 
 
 @dataclass(frozen=True)
@@ -236,7 +81,7 @@ class Pipeline:
 
     def __init__(self, stages: tuple[Stage, ...]) -> None:
         self.stages = stages
-        self.spec = "|".join(s.token() for s in stages)
+        self.spec = canonical(stages)
         self.delta = any(isinstance(s, DeltaStage) for s in stages)
         self.topk = next((s for s in stages if isinstance(s, TopKStage)), None)
         self.quant = next((s for s in stages if isinstance(s, QuantStage)), None)
@@ -263,6 +108,7 @@ class Pipeline:
 
     @property
     def dense_raw(self) -> bool:
+        """Whether the payload is v1's plain float32 concatenation (no top-k, no quantisation)."""
         return self.topk is None and self.quant is None
 
     # --------------------------------------------------------------- layout
@@ -291,14 +137,14 @@ class Pipeline:
         and is updated only when encoding succeeds.
         """
         if not isinstance(seed, int | np.integer) or seed < 0:
-            raise CodecError("bad_parameter", f"seed must be a non-negative int, got {seed!r}")
+            raise CodecError(f"seed must be a non-negative int, got {seed!r}", reason=Reason.BAD_PARAMETER)
         specs, xs = flatten_tensors(tensors)
         sizes = [s.size for s in specs]
         if self.delta:
             xs = delta_encode(xs, base_flats(base, specs))
         if self.ef is not None:
             if state is None:
-                raise CodecError("missing_state", f"{self.spec!r} needs an ErrorFeedbackState")
+                raise CodecError(f"{self.spec!r} needs an ErrorFeedbackState", reason=Reason.MISSING_STATE)
             xs = state.compensate(specs, xs)
         residuals: list[Flat] | None = None
         if self.dense_raw:
@@ -306,7 +152,7 @@ class Pipeline:
         else:
             flat = np.concatenate(xs) if xs else np.zeros(0, dtype=np.float32)
             if not bool(np.all(np.isfinite(flat))):
-                raise CodecError("non_finite", "lossy stages need finite inputs")
+                raise CodecError("lossy stages need finite inputs", reason=Reason.NON_FINITE)
             body, recon = self._encode_lossy(flat, sizes, seed)
             if self.ef is not None:
                 residual = flat - recon
@@ -391,7 +237,7 @@ class Pipeline:
         except CodecError:
             raise
         except (ValueError, IndexError, OverflowError, TypeError) as exc:  # defensive
-            raise CodecError("corrupt", f"malformed payload: {exc}") from exc
+            raise CodecError(f"malformed payload: {exc}", reason=Reason.CORRUPT) from exc
         if bases is not None:
             offs = np.cumsum([0, *sizes])
             parts = [flat[offs[i] : offs[i + 1]] for i in range(len(sizes))]
@@ -402,11 +248,11 @@ class Pipeline:
         rd = Reader(body)
         n_tensors = rd.varint("tensor count")
         if n_tensors != len(sizes):
-            raise CodecError("tensor_count", f"payload has {n_tensors} tensors, specs {len(sizes)}")
+            raise CodecError(f"payload has {n_tensors} tensors, specs {len(sizes)}", reason=Reason.TENSOR_COUNT)
         n_elems = rd.varint("element count")
         total = sum(sizes)
         if n_elems != total:
-            raise CodecError("shape_mismatch", f"payload has {n_elems} elements, specs {total}")
+            raise CodecError(f"payload has {n_elems} elements, specs {total}", reason=Reason.SHAPE_MISMATCH)
         sections = self._sections(sizes)
         counts: list[int] = []
         indices: list[npt.NDArray[np.int64]] = []
@@ -416,7 +262,7 @@ class Pipeline:
                 k = rd.varint("top-k count")
                 expect = topk_count(sec.n, self.topk.fraction)
                 if k != expect:
-                    raise CodecError("bad_count", f"top-k count {k}, spec implies {expect}")
+                    raise CodecError(f"top-k count {k}, spec implies {expect}", reason=Reason.BAD_COUNT)
                 heads.append((k, rd.varint("index length")))
             for sec, (k, nbytes) in zip(sections, heads, strict=True):
                 idx = decode_indices(rd.take(nbytes, "indices"), k, sec.n)

@@ -34,6 +34,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 
 __all__ = [
@@ -126,18 +128,18 @@ def dequantize(scales: Flat, codes: Codes, bits: int, block: int | None) -> Flat
     """Map codes back to values; validates scales and codes."""
     n = codes.size
     if scales.size != block_count(n, block):
-        raise CodecError("bad_count", f"{scales.size} scales for {n} values")
+        raise CodecError(f"{scales.size} scales for {n} values", reason=Reason.BAD_COUNT)
     if n == 0:
         return np.zeros(0, dtype=np.float32)
     if not bool(np.all(np.isfinite(scales))) or bool(np.any(scales < 0)):
-        raise CodecError("bad_scale", "quantisation scale negative or non-finite")
+        raise CodecError("quantisation scale negative or non-finite", reason=Reason.BAD_SCALE)
     big = half_levels(bits)
     s = _per_element(scales, n, block)
     if bits == 1:
         out = (codes.astype(np.float64) * 2.0 - 1.0) * s
     else:
         if int(codes.max()) > 2 * big:
-            raise CodecError("corrupt", f"quantisation code > {2 * big}")
+            raise CodecError(f"quantisation code > {2 * big}", reason=Reason.CORRUPT)
         out = (codes.astype(np.float64) - big) * (s / big)
     return out.astype(np.float32)
 
@@ -180,7 +182,7 @@ def unpack_codes(buf: bytes | memoryview, bits: int, count: int) -> Codes:
     """Inverse of :func:`pack_codes`; ``buf`` must be exactly the packed size."""
     raw = np.frombuffer(buf, dtype=np.uint8)
     if raw.size != packed_size(count, bits):
-        raise CodecError("truncated", f"{raw.size} code bytes for {count} codes")
+        raise CodecError(f"{raw.size} code bytes for {count} codes", reason=Reason.TRUNCATED)
     if bits == 8:
         return raw.copy()
     per = 8 // bits
@@ -190,5 +192,5 @@ def unpack_codes(buf: bytes | memoryview, bits: int, count: int) -> Codes:
         mat[:, j] = (raw >> np.uint8(j * bits)) & mask
     flat = mat.reshape(-1)
     if bool(np.any(flat[count:])):
-        raise CodecError("bad_padding", "non-zero padding bits in packed codes")
+        raise CodecError("non-zero padding bits in packed codes", reason=Reason.BAD_PADDING)
     return flat[:count].copy()

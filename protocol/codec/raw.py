@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 from .tensors import F32
 
@@ -27,7 +29,7 @@ def raw_decode(data: bytes | memoryview, total: int) -> npt.NDArray[np.float32]:
     """Parse exactly ``total`` float32 values; any other length is an error."""
     expected = 4 * total
     if len(data) < expected:
-        raise CodecError("truncated", f"raw payload has {len(data)} bytes, expected {expected}")
+        raise CodecError(f"raw payload has {len(data)} bytes, expected {expected}", reason=Reason.TRUNCATED)
     if len(data) > expected:
-        raise CodecError("trailing_bytes", f"raw payload has {len(data)} bytes, expected {expected}")
+        raise CodecError(f"raw payload has {len(data)} bytes, expected {expected}", reason=Reason.TRAILING_BYTES)
     return np.frombuffer(data, dtype=F32).astype(np.float32)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 
 __all__ = [
@@ -42,6 +44,7 @@ class TensorSpec:
 
     @property
     def size(self) -> int:
+        """Number of elements."""
         return math.prod(self.shape)
 
 
@@ -53,7 +56,7 @@ def flat_f32(name: str, arr: object) -> FloatArray:
     """
     a = np.asarray(arr)
     if a.dtype.kind != "f" or a.dtype.itemsize != 4:
-        raise CodecError("bad_dtype", f"tensor {name!r} has dtype {a.dtype}, expected float32")
+        raise CodecError(f"tensor {name!r} has dtype {a.dtype}, expected float32", reason=Reason.BAD_DTYPE)
     return np.ascontiguousarray(a, dtype=F32).reshape(-1)
 
 
@@ -68,12 +71,12 @@ def validate_specs(specs: Sequence[TensorSpec]) -> list[int]:
     sizes: list[int] = []
     for s in specs:
         if s.name in seen:
-            raise CodecError("bad_spec", f"duplicate tensor name {s.name!r}")
+            raise CodecError(f"duplicate tensor name {s.name!r}", reason=Reason.BAD_SPEC)
         seen.add(s.name)
         if s.dtype != "float32":
-            raise CodecError("bad_dtype", f"spec {s.name!r} has dtype {s.dtype!r}")
+            raise CodecError(f"spec {s.name!r} has dtype {s.dtype!r}", reason=Reason.BAD_DTYPE)
         if any(int(d) < 0 for d in s.shape):
-            raise CodecError("bad_spec", f"spec {s.name!r} has negative dimension {s.shape}")
+            raise CodecError(f"spec {s.name!r} has negative dimension {s.shape}", reason=Reason.BAD_SPEC)
         sizes.append(s.size)
     return sizes
 
@@ -90,14 +93,14 @@ def base_flats(
 ) -> list[FloatArray]:
     """Flat float32 base tensors aligned with ``specs`` (same names and shapes)."""
     if base is None:
-        raise CodecError("missing_base", f"pipeline needs a {what} but none was given")
+        raise CodecError(f"pipeline needs a {what} but none was given", reason=Reason.MISSING_BASE)
     out: list[FloatArray] = []
     for s in specs:
         if s.name not in base:
-            raise CodecError("missing_base", f"{what} has no tensor {s.name!r}")
+            raise CodecError(f"{what} has no tensor {s.name!r}", reason=Reason.MISSING_BASE)
         b = base[s.name]
         if tuple(np.shape(b)) != tuple(s.shape):
-            raise CodecError("shape_mismatch", f"{what} {s.name!r} has shape {np.shape(b)}, expected {s.shape}")
+            raise CodecError(f"{what} {s.name!r} has shape {np.shape(b)}, expected {s.shape}", reason=Reason.SHAPE_MISMATCH)
         out.append(flat_f32(s.name, b))
     return out
 

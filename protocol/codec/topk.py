@@ -21,6 +21,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 from .wire import varint_decode, varint_encode
 
@@ -57,7 +59,7 @@ def encode_indices(idx: Idx) -> bytes:
     gaps[0] = idx[0]
     gaps[1:] = np.diff(idx) - 1
     if int(gaps.min()) < 0:
-        raise CodecError("bad_parameter", "indices must be sorted and unique")
+        raise CodecError("indices must be sorted and unique", reason=Reason.BAD_PARAMETER)
     return varint_encode(gaps.astype(np.uint64))
 
 
@@ -67,9 +69,9 @@ def decode_indices(buf: bytes | memoryview, k: int, n: int) -> Idx:
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     if int(gaps.max()) >= n:
-        raise CodecError("index_out_of_range", f"index gap {int(gaps.max())} >= size {n}")
+        raise CodecError(f"index gap {int(gaps.max())} >= size {n}", reason=Reason.INDEX_OUT_OF_RANGE)
     # gaps < n <= 2**40 and k <= n keep the running sum far from int64 overflow.
     idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
     if int(idx[-1]) >= n:
-        raise CodecError("index_out_of_range", f"index {int(idx[-1])} >= size {n}")
+        raise CodecError(f"index {int(idx[-1])} >= size {n}", reason=Reason.INDEX_OUT_OF_RANGE)
     return idx

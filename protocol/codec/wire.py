@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 
 __all__ = ["MAX_VARINT_BYTES", "Reader", "varint_decode", "varint_encode", "varint_scalar"]
@@ -21,7 +23,7 @@ def varint_encode(values: npt.ArrayLike) -> bytes:
     if v.size == 0:
         return b""
     if int(v.max()) >= 1 << 63:
-        raise CodecError("bad_parameter", "varint value >= 2**63")
+        raise CodecError("varint value >= 2**63", reason=Reason.BAD_PARAMETER)
     lens = np.ones(v.shape, dtype=np.int64)
     for j in range(1, MAX_VARINT_BYTES):
         lens += v >= np.uint64(1 << (7 * j))
@@ -45,7 +47,7 @@ def varint_decode(buf: bytes | memoryview, count: int) -> U64:
     b = np.frombuffer(buf, dtype=np.uint8)
     term = np.flatnonzero(b < 0x80)
     if term.size != count or (count and int(term[-1]) != b.size - 1) or (not count and b.size):
-        raise CodecError("bad_varint", f"expected {count} varints in {b.size} bytes")
+        raise CodecError(f"expected {count} varints in {b.size} bytes", reason=Reason.BAD_VARINT)
     if count == 0:
         return np.zeros(0, dtype=np.uint64)
     starts = np.empty(count, dtype=np.int64)
@@ -53,9 +55,9 @@ def varint_decode(buf: bytes | memoryview, count: int) -> U64:
     starts[1:] = term[:-1] + 1
     lens = term - starts + 1
     if int(lens.max()) > MAX_VARINT_BYTES:
-        raise CodecError("bad_varint", "varint longer than 9 bytes")
+        raise CodecError("varint longer than 9 bytes", reason=Reason.BAD_VARINT)
     if bool(np.any((b[term] == 0) & (lens > 1))):
-        raise CodecError("bad_varint", "non-canonical varint")
+        raise CodecError("non-canonical varint", reason=Reason.BAD_VARINT)
     out = np.zeros(count, dtype=np.uint64)
     for j in range(int(lens.max())):
         m = lens > j
@@ -77,29 +79,33 @@ class Reader:
 
     @property
     def remaining(self) -> int:
+        """Bytes not read yet."""
         return len(self._mv) - self.pos
 
     def take(self, n: int, what: str = "data") -> memoryview:
+        """Read ``n`` bytes; ``truncated`` if fewer are left."""
         if n < 0 or n > self.remaining:
-            raise CodecError("truncated", f"need {n} bytes of {what} at offset {self.pos}, {self.remaining} left")
+            raise CodecError(f"need {n} bytes of {what} at offset {self.pos}, {self.remaining} left", reason=Reason.TRUNCATED)
         out = self._mv[self.pos : self.pos + n]
         self.pos += n
         return out
 
     def varint(self, what: str = "varint") -> int:
+        """Read one canonical unsigned LEB128 varint."""
         value = 0
         for j in range(MAX_VARINT_BYTES):
             if self.pos >= len(self._mv):
-                raise CodecError("truncated", f"payload ends inside {what}")
+                raise CodecError(f"payload ends inside {what}", reason=Reason.TRUNCATED)
             byte = self._mv[self.pos]
             self.pos += 1
             value |= (byte & 0x7F) << (7 * j)
             if byte < 0x80:
                 if byte == 0 and j > 0:
-                    raise CodecError("bad_varint", f"non-canonical {what}")
+                    raise CodecError(f"non-canonical {what}", reason=Reason.BAD_VARINT)
                 return value
-        raise CodecError("bad_varint", f"{what} longer than {MAX_VARINT_BYTES} bytes")
+        raise CodecError(f"{what} longer than {MAX_VARINT_BYTES} bytes", reason=Reason.BAD_VARINT)
 
     def finish(self) -> None:
+        """Refuse bytes left after the payload (``trailing_bytes``)."""
         if self.remaining:
-            raise CodecError("trailing_bytes", f"{self.remaining} unexpected bytes after payload")
+            raise CodecError(f"{self.remaining} unexpected bytes after payload", reason=Reason.TRAILING_BYTES)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import zstandard
 
+from protocol.errors import Reason
+
 from .errors import CodecError
 
 __all__ = ["DEFAULT_LEVEL", "MAX_LEVEL", "MIN_LEVEL", "zstd_compress", "zstd_decompress"]
@@ -23,6 +25,7 @@ _MAX_HEADER = 18
 
 
 def zstd_compress(data: bytes, level: int = DEFAULT_LEVEL) -> bytes:
+    """Compress ``data`` as one zstd frame with its content size and a checksum."""
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     return cctx.compress(data)
 
@@ -35,21 +38,21 @@ def zstd_decompress(payload: bytes | memoryview, max_output: int) -> bytes:
     except zstandard.ZstdError as exc:
         # A short prefix of a real frame is truncation; anything else is garbage.
         short = len(data) < _MAX_HEADER and _MAGIC.startswith(data[:4])
-        raise CodecError("truncated" if short else "corrupt", f"zstd header: {exc}") from exc
+        raise CodecError(f"zstd header: {exc}", reason=Reason.TRUNCATED if short else Reason.CORRUPT) from exc
     size = params.content_size
     if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
-        raise CodecError("bad_frame", "zstd frame does not declare its content size")
+        raise CodecError("zstd frame does not declare its content size", reason=Reason.BAD_FRAME)
     if size > max_output:
-        raise CodecError("decompression_bomb", f"zstd frame declares {size} bytes, limit is {max_output}")
+        raise CodecError(f"zstd frame declares {size} bytes, limit is {max_output}", reason=Reason.DECOMPRESSION_BOMB)
     try:
         out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_output, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         msg = str(exc)
         if "unused data" in msg:
-            raise CodecError("trailing_bytes", f"zstd: {msg}") from exc
+            raise CodecError(f"zstd: {msg}", reason=Reason.TRAILING_BYTES) from exc
         if "full frame" in msg or "incomplete" in msg or "truncated" in msg.lower():
-            raise CodecError("truncated", f"zstd: {msg}") from exc
-        raise CodecError("corrupt", f"zstd: {msg}") from exc
+            raise CodecError(f"zstd: {msg}", reason=Reason.TRUNCATED) from exc
+        raise CodecError(f"zstd: {msg}", reason=Reason.CORRUPT) from exc
     if len(out) != size:
-        raise CodecError("corrupt", f"zstd produced {len(out)} bytes, frame declared {size}")
+        raise CodecError(f"zstd produced {len(out)} bytes, frame declared {size}", reason=Reason.CORRUPT)
     return out

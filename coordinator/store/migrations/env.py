@@ -12,6 +12,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from coordinator.store.db import WRITE_OPTION, make_engine
 from coordinator.store.schema import metadata
 
 
@@ -32,7 +33,6 @@ def _main() -> None:
     if isinstance(connection, Connection):
         _run(connection)
         return
-    from coordinator.store.db import WRITE_OPTION, make_engine  # CLI path only
 
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if not url:

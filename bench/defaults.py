@@ -1,0 +1,135 @@
+"""The default recipe, unchanged, on PneumoniaMNIST (full, 4,708 training images) and a 500-image subset.
+
+Issue 16: training defaults must hold on any dataset. ``learning/recipe.py`` (step budget,
+warm-up + cosine schedule, optimizer, class-balanced loss, selection of the best validated
+round) runs here with no per-dataset setting: 4 sites with Dirichlet(α = 0.5) label skew, the
+official validation split for selection and the official test split for the report. Arms as in
+every report (``fedscan/baselines.py``): federated, centralized with the same number of samples,
+each site alone, logistic regression on the same pixels, the majority-class floor. Mean of 3
+seeds. Targets: federated within 2 AUC points of centralized and at least the best single site;
+centralized at or above the MedMNIST v2 ResNet-18 (28) AUC 0.944 on the full set.
+
+The 500-image subset is a fixed random draw (seed 0) of the training split. The xray profile has
+no augmentation section, so none is applied (chest X-rays are not flipped).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, print_table, write_rows
+from melanoma import commit, row, summarize
+
+from fedscan.baselines import (
+    ArmSettings,
+    Budget,
+    Outcome,
+    centralized_arm,
+    federated_arm,
+    logistic_regression_arm,
+    majority_floor,
+    single_site_arm,
+)
+from fedscan.compose import model_spec_for
+from firmware.profile import find_profile
+from learning import recipe
+from learning.datasets import ArrayDataset, load_demo_splits
+from learning.partition import dirichlet_label_skew
+
+PROFILE = "xray-cxr-28"
+MEDMNIST_RESNET18_28_AUC = 0.944
+SITES, ALPHA, SUBSET = 4, 0.5, 500
+
+
+def datasets(quick: bool) -> dict[str, ArrayDataset]:
+    """Return the training sets compared: the full training split and the fixed 500-image subset."""
+    train = load_demo_splits(allow_generated=False)["train"]
+    subset = train.subset(np.sort(np.random.default_rng(0).permutation(len(train))[:SUBSET]))
+    if quick:
+        return {"pneumoniamnist_500": subset.subset(np.arange(200))}
+    return {"pneumoniamnist_full": train, "pneumoniamnist_500": subset}
+
+
+def main() -> None:
+    """Run every arm on both training sets and write ``bench/results/defaults.json``."""
+    p = parser(__doc__ or "")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    args = p.parse_args()
+    rounds, steps = (2, 2) if args.quick else (recipe.ROUNDS, recipe.STEPS_PER_ROUND)
+    seeds = 1 if args.quick else args.seeds
+    t0 = time.perf_counter()
+    splits = load_demo_splits(allow_generated=False)
+    val, test = splits["val"], splits["test"]
+    if args.quick:
+        val, test = val.subset(np.arange(100)), test.subset(np.arange(100))
+    spec = model_spec_for(find_profile(PROFILE))
+    training = recipe.default_training(rounds, steps)
+    budget = Budget(rounds, steps)
+    settings = ArmSettings(budget, training)
+    sets = datasets(args.quick)
+    jobs: dict[tuple[str, int, str], Future[Outcome]] = {}
+    site_sizes: dict[str, list[list[int]]] = {}
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+        for name, train in sets.items():
+            site_sizes[name] = []
+            for seed in range(seeds):
+                parts = dirichlet_label_skew(train.labels, SITES, ALPHA, seed=seed)
+                site_sizes[name].append([len(ix) for ix in parts])
+                jobs[(name, seed, "federated")] = ex.submit(federated_arm, spec, train, parts, val, test, settings,
+                                                            seed=seed)
+                jobs[(name, seed, "centralized")] = ex.submit(centralized_arm, spec, train, parts, val, test,
+                                                              settings, seed=seed)
+                for i, idx in enumerate(parts):
+                    jobs[(name, seed, f"site-{i + 1}")] = ex.submit(single_site_arm, spec, train, idx,
+                                                                    f"site-{i + 1}", val, test, settings, seed=seed)
+        logregs = {name: logistic_regression_arm(train, val, test) for name, train in sets.items()}
+        results = {k: f.result() for k, f in jobs.items()}
+    all_rows: list[dict[str, Any]] = []
+    site_arms = [f"site-{i + 1}" for i in range(SITES)]
+    for name, train in sets.items():
+        rows = [row(seed, results[(name, seed, arm)], dataset=name) for seed in range(seeds)
+                for arm in ("federated", "centralized", *site_arms)]
+        summary = [{**s, "dataset": name} for s in summarize(rows, ["federated", "centralized", *site_arms])]
+        by = {s["arm"]: s for s in summary}
+        fed, cen = by["federated"], by["centralized"]
+        # the best single site per seed (sites differ per seed), then the mean over seeds
+        best_site = float(np.mean([max(results[(name, s, a)].test["auc"] for a in site_arms) for s in range(seeds)]))
+        logreg = logregs[name]
+        verdict: dict[str, Any] = {
+            "seed": "mean", "arm": "verdict", "dataset": name,
+            "fed_minus_centralized_auc_points": 100 * (fed["auc"] - cen["auc"]),
+            "fed_minus_best_single_site_auc_points": 100 * (fed["auc"] - best_site),
+            "federated_within_2_points_of_centralized": fed["auc"] >= cen["auc"] - 0.02,
+            "federated_at_least_best_single_site": fed["auc"] >= best_site,
+            "centralized_beats_logistic_regression": cen["auc"] > logreg.test["auc"],
+        }
+        if name == "pneumoniamnist_full":
+            verdict["centralized_at_least_medmnist_resnet18_auc_0_944"] = cen["auc"] >= MEDMNIST_RESNET18_28_AUC
+        all_rows += [*rows, row("all", logreg, C=logreg.test["C"], dataset=name),
+                     row("all", majority_floor(train, test), dataset=name), *summary, verdict]
+        print(f"== {name}")
+        print_table([r for r in rows + summary if r["dataset"] == name],
+                    ["seed", "arm", "auc", "balanced_accuracy", "auc_last_round", "selected_round", "seconds"])
+        print({k: v for k, v in verdict.items() if k not in ("seed", "arm", "dataset")})
+    path = write_rows("defaults", all_rows, quick=args.quick, meta={
+        "commit": commit(), "load_avg": os.getloadavg(), "quick": args.quick, "profile": PROFILE,
+        "model": f"{spec.architecture} {spec.kwargs}", "training": training.model_dump(), "augmentation": None,
+        "sites": SITES, "alpha": ALPHA, "site_sizes_per_seed": site_sizes, "seeds": seeds,
+        "val": len(val), "test": len(test), "selection": "best validation AUC over rounds (per arm)",
+        "reference": "MedMNIST v2 ResNet-18 (28) test AUC 0.944", "wall_seconds": round(time.perf_counter() - t0, 1),
+        "note": "timings noisy: shared 2-core machine"})
+    print(f"rows: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Developer tools that read the repository (not part of the product)."""
