@@ -8,9 +8,11 @@ the in-memory broker; every agent has its own transport, whose payload counters 
 it received (down) and sent (up); topic names and MQTT framing are not counted. The uplink codec
 is the demo's ``delta|topk:0.05|ef|q:2|zstd``. Arms: the exact downlink (``xor|zstd``: each box
 asks for an XOR delta of the float32 bit patterns) and compressed steps (each version is the
-coordinator's compressed step from its parent, broadcast once on ``models/{v}/chunks``). Both
-arms fetch artifacts as patches against the served version's, and only those the profile's engine
-order can use (ONNX FP32 here). Rows are per agent per round in the steady state (rounds 2..R:
+coordinator's compressed step from its parent, broadcast once on ``models/{v}/chunks``). Agents
+rebuild the ONNX FP32 artifact from the weights they installed and take it when it is
+byte-identical to the signed one; a control arm (the chosen step codec) downloads artifacts as
+patches against the served version's instead. Only artifacts the profile's engine order can use
+are fetched (ONNX FP32 here). Rows are per agent per round in the steady state (rounds 2..R:
 round 1 also holds the first whole download of ``v0`` and its artifacts, reported on its own),
 with the ratio to the float32 model.
 
@@ -93,8 +95,12 @@ def _wait(cond: Any, timeout: float, what: str) -> None:
 
 
 def wire(root: Path, downlink: str, splits: dict[str, ArrayDataset], parts: list[np.ndarray], rounds: int,
-         seed: int) -> dict[str, Any]:
-    """One federation over the in-memory broker; per-agent bytes between consecutive round completions."""
+         seed: int, *, rebuild: bool = True) -> dict[str, Any]:
+    """One federation over the in-memory broker; per-agent bytes between consecutive round completions.
+
+    ``rebuild``: agents rebuild the ONNX FP32 artifact from the installed weights when that is
+    byte-identical to the signed one (the default); ``False`` downloads every artifact as a patch.
+    """
     profile = find_profile("xray-cxr-28")
     spec = model_spec_for(profile)
     val, train = splits["val"], splits["train"]
@@ -128,13 +134,15 @@ def wire(root: Path, downlink: str, splits: dict[str, ArrayDataset], parts: list
     )
     stop = threading.Event()
     threads = []
+    agents = []
     for n, idx in zip(names, parts, strict=True):
         t = CountingTransport(broker, n)
         t.connect()
         transports[n] = t
-        agent = EdgeAgent(AgentSettings(n, profile, root / n, threads=1, trust=trust, model_timeout_s=60), t,
-                          train.subset(idx))
+        agent = EdgeAgent(AgentSettings(n, profile, root / n, threads=1, trust=trust, model_timeout_s=60,
+                                        rebuild_artifacts=rebuild), t, train.subset(idx))
         agent.start()
+        agents.append(agent)
         threads.append(threading.Thread(target=agent.run, args=(stop,), daemon=True))
     start = snapshot()
     coord.start()
@@ -162,12 +170,13 @@ def wire(root: Path, downlink: str, splits: dict[str, ArrayDataset], parts: list
     by_kind = sum((t.by_kind for t in transports.values()), Counter())
     return {"intervals": per_interval, "seconds": seconds, "test_accuracy": test_acc,
             "down_by_topic": {k: v / len(names) / (rounds + 1) for k, v in sorted(by_kind.items())},
-            "coordinator_tx": ct.traffic.tx_bytes, "coordinator_rx": ct.traffic.rx_bytes}
+            "coordinator_tx": ct.traffic.tx_bytes, "coordinator_rx": ct.traffic.rx_bytes, "rebuild": rebuild,
+            "artifacts_rebuilt": sum(a.fetcher.rebuilder.rebuilt for a in agents)}
 
 
-def wire_rows(runs: dict[str, dict[str, Any]], float32: int, agents: int, rounds: int) -> list[dict[str, Any]]:
+def wire_rows(runs: dict[tuple[str, bool], dict[str, Any]], float32: int, agents: int, rounds: int) -> list[dict[str, Any]]:
     rows = []
-    for arm, run in runs.items():
+    for (arm, _), run in runs.items():
         iv = run["intervals"]
         # round 1 also holds the first whole download of v0 and its artifacts; the interval after
         # the last round only the download of v_R: each steady interval holds one of everything
@@ -177,6 +186,8 @@ def wire_rows(runs: dict[str, dict[str, Any]], float32: int, agents: int, rounds
         first_down = float(np.mean([d for d, _ in iv[0].values()]))
         rows.append({
             "part": "wire", "downlink": arm, "uplink": UPLINK, "agents": agents, "rounds": rounds,
+            "artifacts": "rebuilt on the box" if run["rebuild"] else "downloaded as patches",
+            "artifacts_rebuilt": run["artifacts_rebuilt"],
             "down_bytes_per_agent_round": float(np.mean(down)), "up_bytes_per_agent_round": float(np.mean(up)),
             "down_ratio_to_float32": float(np.mean(down)) / float32,
             "up_ratio_to_float32": float(np.mean(up)) / float32,
@@ -268,14 +279,16 @@ def main() -> None:
         rows.append({"part": "choice", "downlink": chosen, "chosen_on": "validation accuracy, then step bytes"})
     if args.part in ("wire", "both"):
         parts = dirichlet_label_skew(splits["train"].labels, args.agents, 0.5, seed=0)
-        runs = {}
-        for arm in [EXACT, chosen]:  # the exact downlink and the chosen step codec, on the real components
+        runs: dict[tuple[str, bool], dict[str, Any]] = {}
+        # the exact downlink and the chosen step codec on the real components; the control downloads
+        # the artifacts instead of rebuilding them on the box
+        for arm, rebuild in [(EXACT, True), (chosen, True), (chosen, False)]:
             with tempfile.TemporaryDirectory() as d:
-                runs[arm] = wire(Path(d), arm, splits, parts, args.rounds, seed=0)
-            print(f"wire {arm}: {runs[arm]['seconds']:.0f}s", flush=True)
+                runs[(arm, rebuild)] = wire(Path(d), arm, splits, parts, args.rounds, seed=0, rebuild=rebuild)
+            print(f"wire {arm} rebuild={rebuild}: {runs[(arm, rebuild)]['seconds']:.0f}s", flush=True)
         rows += wire_rows(runs, float32, args.agents, args.rounds)
         print_table([r for r in rows if r["part"] == "wire"],
-                    ["downlink", "down_bytes_per_agent_round", "down_ratio_to_float32", "up_bytes_per_agent_round",
+                    ["downlink", "artifacts", "down_bytes_per_agent_round", "down_ratio_to_float32", "up_bytes_per_agent_round",
                      "first_round_down_bytes_per_agent", "test_accuracy_seed0", "meets_target"])
     print(f"small CNN ({float32:,} B float32), {args.agents} sites, Dirichlet 0.5, {args.rounds} rounds; "
           f"{time.perf_counter() - t0:.0f}s")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.artifact_rebuild import ArtifactRebuilder
 from edge_agent.engine_report import EngineReport
 from edge_agent.fetcher import ModelFetcher
 from edge_agent.installer import InstallError, ModelInstaller
@@ -62,6 +63,8 @@ class AgentSettings:
     #: trusted model-signing keys; ``None`` refuses every model unless ``insecure_unsigned_models``
     trust: TrustStore | TrustSource | None = None
     insecure_unsigned_models: bool = False  # development only (see edge_agent.trust)
+    #: rebuild ONNX FP32 artifacts from the installed weights instead of downloading them (when identical)
+    rebuild_artifacts: bool = True
 
 
 class EdgeAgent:
@@ -101,7 +104,8 @@ class EdgeAgent:
                                         fleet=settings.fleet)
         self._stop = threading.Event()
         self.fetcher = ModelFetcher(settings.agent_id, transport, self.topics, self.installer, settings.profile,
-                                    stop=self._stop, events=self._event, timeout_s=settings.model_timeout_s)
+                                    stop=self._stop, events=self._event, timeout_s=settings.model_timeout_s,
+                                    rebuilder=ArtifactRebuilder(enabled=settings.rebuild_artifacts))
         self.training = TrainingJob(settings.agent_id, settings.profile, settings.state_dir, self.installer,
                                     self.fetcher.ensure_model, pause=self.pause, observer=training_observer,
                                     threads=settings.threads, jobs=jobs)

@@ -7,7 +7,9 @@ this agent's ``requests`` topic (from the newest installed version when there is
 reassembles the chunks that come back on its ``downloads`` topic; a partial transfer is resumed
 by naming the missing chunks. Weights that do not rebuild to the manifest's tensor hash from the
 version held are fetched whole. Inference artifacts come as patches against the same artifact of
-the version the box serves, and only those its engine order can use. Nothing is installed here
+the version the box serves, and only those its engine order can use; an ONNX FP32 artifact is first
+rebuilt from the installed weights and taken without a download when it matches the signed
+sha256 (:mod:`edge_agent.artifact_rebuild`). Nothing is installed here
 except through :class:`~edge_agent.installer.ModelInstaller`, which verifies before it stores.
 """
 
@@ -21,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
+from edge_agent.artifact_rebuild import ArtifactRebuilder
 from edge_agent.installer import InstallError, ModelInstaller
 from edge_agent.work import EventSink, check_stop
 from firmware.profile import FirmwareProfile
@@ -63,9 +66,11 @@ class ModelFetcher:
         stop: threading.Event,
         events: EventSink,
         timeout_s: float = 30.0,
+        rebuilder: ArtifactRebuilder | None = None,
     ) -> None:
         """Fetch for ``agent_id`` over ``transport``; waits end when ``stop`` is set."""
         self.agent_id, self.transport, self.topics = agent_id, transport, topics
+        self.rebuilder = rebuilder if rebuilder is not None else ArtifactRebuilder()
         self.installer, self.profile = installer, profile
         self.stop, self.events, self.timeout_s = stop, events, timeout_s
         self._manifests: dict[str, Manifest] = {}
@@ -284,7 +289,10 @@ class ModelFetcher:
         return present
 
     def _fetch_artifact(self, version: str, art: Artifact) -> bytes:
-        """One artifact's bytes: a patch against the served version's same artifact, else whole."""
+        """One artifact's bytes: rebuilt here when that matches, else a patch against the served version's, else whole."""
+        rebuilt = self.rebuilder.try_rebuild(self.installer.manifest(version), self.installer.tensors(version), art)
+        if rebuilt is not None:
+            return rebuilt
         served = self.installer.active_version
         base_art = None
         if served is not None and served != version and self.installer.has(served):
