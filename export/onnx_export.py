@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from protocol.manifest import InputSpec
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
+#: ``torch.onnx.export`` keeps its state in module globals ("GLOBALS.in_onnx_export must be False" when
+#: two threads export at once: a coordinator and in-process agents rebuilding artifacts); one at a time.
+_EXPORT_LOCK = threading.Lock()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -54,7 +58,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_spec: InputSpec, op
     example = torch.zeros(2, input_spec.channels, input_spec.height, input_spec.width)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        with warnings.catch_warnings():
+        with _EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 m,

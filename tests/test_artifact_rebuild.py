@@ -114,3 +114,19 @@ def test_with_rebuilds_off_the_fetcher_asks_the_coordinator(tmp_path: Path,
     fetcher, installer, requests = _fetcher(tmp_path, manifest, weights, ArtifactRebuilder(enabled=False))
     assert fetcher.fetch_artifacts("v1") == []  # no coordinator here: the download times out, reported
     assert requests and not installer.has_artifact("v1", _fp32(manifest))
+
+
+def test_boxes_in_one_process_rebuild_at_once(shipped: tuple[Manifest, dict, Path]) -> None:
+    """torch.onnx.export keeps global state: concurrent exports (in-process agents, the coordinator) take turns."""
+    manifest, weights, out = shipped
+    art = _fp32(manifest)
+    results: list[bytes | None] = []
+    rebuilders = [ArtifactRebuilder() for _ in range(4)]
+    threads = [threading.Thread(target=lambda r=r: results.append(r.try_rebuild(manifest, weights, art)))
+               for r in rebuilders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [(out / art.uri).read_bytes()] * 4
+    assert all(r.enabled for r in rebuilders)
