@@ -10,7 +10,8 @@ Arms: ``federated`` with ``fedavg`` (everything shared) and ``fedbn`` (norm laye
 site ``alone``; ``centralized`` (one model on the union, as many steps as the federation in
 total). At ε = ∞ and, with per-site DP-SGD (record-level ε per site, δ = 1e-5, noise calibrated
 to the site's own ε over all planned rounds), at ε = 8 and 4 with ``adaptive`` (quantile-based,
-Andrew et al. 2021, target median, from C₀) and ``fixed`` (C₀) clipping. Floor: predicting every
+Andrew et al. 2021, target median, from C₀) and ``fixed`` (C₀) clipping; the DP arms train with
+their own optimizer (``dp_optimizer``/``dp_lr``, chosen by ``--dp-tune`` on the validation split). Floor: predicting every
 pixel as lesion (``floor_all_lesion``).
 
 Settings (chosen on the validation split, seed 0; see ``SETTINGS``): 64×64 grey input (3-channel
@@ -65,6 +66,10 @@ class Settings:
     lr: float = 2e-3
     weighting: str = "equal"
     initial_clip: float = 1.0
+    #: the DP arms' optimizer (``--dp-tune`` chose it on validation: Adam at ``lr`` diverges under DP noise)
+    dp_optimizer: str = "sgd"
+    dp_lr: float = 0.05
+    dp_momentum: float = 0.9
     delta: float = 1e-5
     split_seed: int = 0
     limits: tuple[int, int, int, int, int, int] | None = None  # ph2 n/val/test, mri n/val/test (quick)
@@ -109,6 +114,8 @@ def run_job(job: Job, s: Settings, eval_split: str = "test") -> tuple[Job, RunRe
     splits = load(s)
     mc = SegModelConfig(in_channels=s.channels, channels=s.widths)
     cfg = SegTrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, share=ShareRule(job.share))
+    if not np.isinf(job.epsilon):
+        cfg = replace(cfg, optimizer=s.dp_optimizer, lr=s.dp_lr, momentum=s.dp_momentum)  # type: ignore[arg-type]
     priv = None if np.isinf(job.epsilon) else SitePrivacy(
         epsilon=job.epsilon, delta=s.delta, planned_rounds=s.rounds, clipping=job.clipping,  # type: ignore[arg-type]
         initial_clip=s.initial_clip)
@@ -243,6 +250,33 @@ def budget_check(candidates: list[tuple[int, int]], workers: int) -> None:
         "masks_note_mri": MASKS_NOTE})
 
 
+def dp_tune(candidates: list[tuple[str, float]], workers: int) -> None:
+    """Validation Dice (seed 0, ε = 4, federated FedBN, adaptive and fixed clipping) of the DP arms'
+    optimizer candidates; the choice is the best mean over both clippings and both modalities, so
+    neither clipping is favoured. Rows in ``bench/results/segment_dp_tuning.json``."""
+    t0 = time.perf_counter()
+    jobs = [(replace(SETTINGS, dp_optimizer=opt, dp_lr=lr), Job("federated", "fedbn", 4.0, clip, 0))
+            for opt, lr in candidates for clip in ("adaptive", "fixed")]
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        futures = [(s, ex.submit(run_job, j, s, "val")) for s, j in jobs]
+        for s, f in futures:
+            job, res = f.result()
+            for scope, dice in res.modality_dice.items():
+                rows.append({**_label(job), "optimizer": s.dp_optimizer, "lr": s.dp_lr, "scope": scope,
+                             "val_dice": dice, "seconds": res.seconds})
+            print(rows[-2:], flush=True)
+    score = {c: float(np.mean([r["val_dice"] for r in rows if (r["optimizer"], r["lr"]) == c])) for c in candidates}
+    best = max(score, key=lambda c: score[c])
+    rows += [{"optimizer": o, "lr": lr, "mean_val_dice": v, "chosen": (o, lr) == best} for (o, lr), v in score.items()]
+    print_table(rows, ["optimizer", "lr", "clipping", "scope", "val_dice", "mean_val_dice", "chosen"])
+    write_rows("segment_dp_tuning", rows, quick=False, meta={
+        "commit": _commit(), "split": "validation only, seed 0, epsilon 4, federated fedbn",
+        "candidates": candidates, "rounds": SETTINGS.rounds, "momentum": SETTINGS.dp_momentum,
+        "load_avg_1m_5m_15m": [round(v, 2) for v in os.getloadavg()], "wall_seconds": round(time.perf_counter() - t0),
+        "masks_note_mri": MASKS_NOTE})
+
+
 def main() -> None:
     """Run the jobs on ``--workers`` single-threaded processes and write the rows."""
     p = parser(__doc__.splitlines()[0])
@@ -254,7 +288,12 @@ def main() -> None:
     p.add_argument("--size", type=int, help="override the validated input side (a reduced run, as --rounds)")
     p.add_argument("--budget-check", default=None, help="SIZExROUNDS,... : validation Dice of smaller budgets "
                    "(seed 0, ε = ∞), e.g. 64x40,32x20,48x20")
+    p.add_argument("--dp-tune", default=None, help="OPT:LR,... : validation Dice of the DP arms' optimizer "
+                   "candidates (seed 0, ε = 4), e.g. adam:0.0005,sgd:0.05,sgd:0.01")
     args = p.parse_args()
+    if args.dp_tune:
+        dp_tune([(o, float(lr)) for o, lr in (c.split(":") for c in args.dp_tune.split(","))], args.workers)
+        return
     if args.budget_check:
         budget_check([(int(a), int(b)) for a, b in (c.split("x") for c in args.budget_check.split(","))], args.workers)
         return
