@@ -46,9 +46,10 @@ lint: install
 # The quick benchmarks run first and pytest last, so that the run ends with pytest's summary.
 # pytest runs on two workers (pytest-xdist): most of the suite's time is process and broker tests
 # waiting on each other, which is what keeps `make test` under 20 minutes on a 2-core machine.
+# A failed multi-process test is rerun once and listed as RERUN in the summary (tests/conftest.py).
 test: install system-deps lint
 	$(MAKE) --no-print-directory bench-quick
-	$(PY) -m pytest -q -rs -n 2 tests
+	$(PY) -m pytest -q -rsR -n 2 tests
 
 bench-quick: install
 	@for b in $(BENCHES); do \
