@@ -225,29 +225,39 @@ def _commit() -> str:
         return "unknown"
 
 
-def budget_check(candidates: list[tuple[int, int]], workers: int) -> None:
-    """Validation Dice (seed 0, ε = ∞) of smaller budgets against the validated one: how the bench was fitted
-    into 20 minutes without looking at the test split. Rows in ``bench/results/segment_budget.json``."""
-    t0 = time.perf_counter()
-    splits = load(SETTINGS)
-    site_names = [x.name for x in splits.sites]
-    jobs = [(replace(SETTINGS, size=size, rounds=rounds), j) for size, rounds in candidates
-            for j in [Job("federated", "fedbn", np.inf, "none", 0), Job("federated", "fedavg", np.inf, "none", 0),
-                      *[Job("alone", "fedavg", np.inf, "none", 0, site) for site in site_names]]]
+def _on_validation(jobs: list[tuple[Settings, Job]], workers: int,
+                   describe: Any) -> list[dict[str, Any]]:
+    """Run ``(settings, job)`` pairs on the validation split; a row per modality, ``describe(settings, job)`` added."""
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
         futures = [(s, ex.submit(run_job, j, s, "val")) for s, j in jobs]
         for s, f in futures:
             job, res = f.result()
             for scope, dice in res.modality_dice.items():
-                rows.append({**_label(job), "site": job.site, "scope": scope, "input_size": s.size, "rounds": s.rounds,
-                             "val_dice": dice, "seconds": res.seconds})
+                rows.append({**_label(job), **describe(s, job), "scope": scope, "val_dice": dice,
+                             "seconds": res.seconds})
             print(rows[-1], flush=True)
+    return rows
+
+
+def _validation_meta(split: str, t0: float, **extra: Any) -> dict[str, Any]:
+    return {"commit": _commit(), "split": split, **extra,
+            "load_avg_1m_5m_15m": [round(v, 2) for v in os.getloadavg()],
+            "wall_seconds": round(time.perf_counter() - t0), "masks_note_mri": MASKS_NOTE}
+
+
+def budget_check(candidates: list[tuple[int, int]], workers: int) -> None:
+    """Validation Dice (seed 0, ε = ∞) of smaller budgets against the validated one: how the bench was fitted
+    into 20 minutes without looking at the test split. Rows in ``bench/results/segment_budget.json``."""
+    t0 = time.perf_counter()
+    site_names = [x.name for x in load(SETTINGS).sites]
+    jobs = [(replace(SETTINGS, size=size, rounds=rounds), j) for size, rounds in candidates
+            for j in [Job("federated", "fedbn", np.inf, "none", 0), Job("federated", "fedavg", np.inf, "none", 0),
+                      *[Job("alone", "fedavg", np.inf, "none", 0, site) for site in site_names]]]
+    rows = _on_validation(jobs, workers, lambda s, j: {"site": j.site, "input_size": s.size, "rounds": s.rounds})
     print_table(rows, ["input_size", "rounds", "arm", "share", "site", "scope", "val_dice", "seconds"])
-    write_rows("segment_budget", rows, quick=False, meta={
-        "commit": _commit(), "split": "validation only, seed 0, epsilon inf", "candidates": candidates,
-        "load_avg_1m_5m_15m": [round(v, 2) for v in os.getloadavg()], "wall_seconds": round(time.perf_counter() - t0),
-        "masks_note_mri": MASKS_NOTE})
+    write_rows("segment_budget", rows, quick=False, meta=_validation_meta(
+        "validation only, seed 0, epsilon inf", t0, candidates=candidates))
 
 
 def dp_tune(candidates: list[tuple[str, float]], workers: int) -> None:
@@ -257,24 +267,14 @@ def dp_tune(candidates: list[tuple[str, float]], workers: int) -> None:
     t0 = time.perf_counter()
     jobs = [(replace(SETTINGS, dp_optimizer=opt, dp_lr=lr), Job("federated", "fedbn", 4.0, clip, 0))
             for opt, lr in candidates for clip in ("adaptive", "fixed")]
-    rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        futures = [(s, ex.submit(run_job, j, s, "val")) for s, j in jobs]
-        for s, f in futures:
-            job, res = f.result()
-            for scope, dice in res.modality_dice.items():
-                rows.append({**_label(job), "optimizer": s.dp_optimizer, "lr": s.dp_lr, "scope": scope,
-                             "val_dice": dice, "seconds": res.seconds})
-            print(rows[-2:], flush=True)
+    rows = _on_validation(jobs, workers, lambda s, j: {"optimizer": s.dp_optimizer, "lr": s.dp_lr})
     score = {c: float(np.mean([r["val_dice"] for r in rows if (r["optimizer"], r["lr"]) == c])) for c in candidates}
     best = max(score, key=lambda c: score[c])
     rows += [{"optimizer": o, "lr": lr, "mean_val_dice": v, "chosen": (o, lr) == best} for (o, lr), v in score.items()]
     print_table(rows, ["optimizer", "lr", "clipping", "scope", "val_dice", "mean_val_dice", "chosen"])
-    write_rows("segment_dp_tuning", rows, quick=False, meta={
-        "commit": _commit(), "split": "validation only, seed 0, epsilon 4, federated fedbn",
-        "candidates": candidates, "rounds": SETTINGS.rounds, "momentum": SETTINGS.dp_momentum,
-        "load_avg_1m_5m_15m": [round(v, 2) for v in os.getloadavg()], "wall_seconds": round(time.perf_counter() - t0),
-        "masks_note_mri": MASKS_NOTE})
+    write_rows("segment_dp_tuning", rows, quick=False, meta=_validation_meta(
+        "validation only, seed 0, epsilon 4, federated fedbn", t0, candidates=candidates, rounds=SETTINGS.rounds,
+        momentum=SETTINGS.dp_momentum))
 
 
 def main() -> None:
