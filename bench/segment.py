@@ -65,10 +65,13 @@ class Settings:
     batch_size: int = 8
     lr: float = 2e-3
     weighting: str = "equal"
-    initial_clip: float = 1.0
-    #: the DP arms' optimizer (``--dp-tune`` chose it on validation: Adam at ``lr`` diverges under DP noise)
+    initial_clip: float = 1.0  # adaptive clipping starts here
+    target_quantile: float = 0.5  # adaptive: the quantile of per-image gradient norms C follows
+    clip_lr: float = 0.2  # adaptive: η of the geometric update
+    fixed_clip: float = 1.0  # fixed clipping's C
+    #: the DP arms' optimizer (``--dp-tune`` chose it on validation: Adam diverges under DP noise)
     dp_optimizer: str = "sgd"
-    dp_lr: float = 0.05
+    dp_lr: float = 0.01
     dp_momentum: float = 0.9
     delta: float = 1e-5
     split_seed: int = 0
@@ -118,7 +121,8 @@ def run_job(job: Job, s: Settings, eval_split: str = "test") -> tuple[Job, RunRe
         cfg = replace(cfg, optimizer=s.dp_optimizer, lr=s.dp_lr, momentum=s.dp_momentum)  # type: ignore[arg-type]
     priv = None if np.isinf(job.epsilon) else SitePrivacy(
         epsilon=job.epsilon, delta=s.delta, planned_rounds=s.rounds, clipping=job.clipping,  # type: ignore[arg-type]
-        initial_clip=s.initial_clip)
+        initial_clip=s.fixed_clip if job.clipping == "fixed" else s.initial_clip,
+        target_quantile=s.target_quantile, clip_lr=s.clip_lr)
     noise_seed = 10_000 + job.seed
     if job.arm == "federated":
         res = run_federated(splits, mc, cfg, rounds=s.rounds, seed=job.seed, weighting=s.weighting,  # type: ignore[arg-type]
@@ -277,6 +281,32 @@ def dp_tune(candidates: list[tuple[str, float]], workers: int) -> None:
         momentum=SETTINGS.dp_momentum))
 
 
+def clip_tune(candidates: list[str], workers: int) -> None:
+    """Validation Dice (seed 0, ε = 4, federated FedBN, the DP optimizer) of clipping candidates,
+    ``fixed:C`` or ``adaptive:QUANTILE:ETA``: each clipping method is then run at its own best (mean
+    over both modalities), so the comparison is of methods at their validated settings. Rows in
+    ``bench/results/segment_clip_tuning.json``."""
+    t0 = time.perf_counter()
+    jobs = []
+    for c in candidates:
+        kind, *v = c.split(":")
+        s = replace(SETTINGS, fixed_clip=float(v[0])) if kind == "fixed" else replace(
+            SETTINGS, target_quantile=float(v[0]), clip_lr=float(v[1]))
+        jobs.append((s, Job("federated", "fedbn", 4.0, kind, 0)))
+    rows = _on_validation(jobs, workers, lambda s, j: {"candidate": (
+        f"fixed:{s.fixed_clip:g}" if j.clipping == "fixed" else f"adaptive:{s.target_quantile:g}:{s.clip_lr:g}")})
+    score = {c: float(np.mean([r["val_dice"] for r in rows if r["candidate"] == c])) for c in {r["candidate"] for r in rows}}
+    for kind in ("fixed", "adaptive"):
+        mine = {c: v for c, v in score.items() if c.startswith(kind)}
+        if mine:
+            best = max(mine, key=lambda c: mine[c])
+            rows += [{"clipping": kind, "candidate": c, "mean_val_dice": v, "chosen": c == best} for c, v in mine.items()]
+    print_table(rows, ["candidate", "clipping", "scope", "val_dice", "mean_val_dice", "chosen"])
+    write_rows("segment_clip_tuning", rows, quick=False, meta=_validation_meta(
+        "validation only, seed 0, epsilon 4, federated fedbn", t0, candidates=candidates, rounds=SETTINGS.rounds,
+        optimizer=SETTINGS.dp_optimizer, lr=SETTINGS.dp_lr))
+
+
 def main() -> None:
     """Run the jobs on ``--workers`` single-threaded processes and write the rows."""
     p = parser(__doc__.splitlines()[0])
@@ -290,7 +320,12 @@ def main() -> None:
                    "(seed 0, ε = ∞), e.g. 64x40,32x20,48x20")
     p.add_argument("--dp-tune", default=None, help="OPT:LR,... : validation Dice of the DP arms' optimizer "
                    "candidates (seed 0, ε = 4), e.g. adam:0.0005,sgd:0.05,sgd:0.01")
+    p.add_argument("--clip-tune", default=None, help="fixed:C,...,adaptive:QUANTILE:ETA,... : validation Dice of "
+                   "clipping settings (seed 0, ε = 4), each method's best is chosen")
     args = p.parse_args()
+    if args.clip_tune:
+        clip_tune(args.clip_tune.split(","), args.workers)
+        return
     if args.dp_tune:
         dp_tune([(o, float(lr)) for o, lr in (c.split(":") for c in args.dp_tune.split(","))], args.workers)
         return
