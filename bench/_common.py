@@ -35,12 +35,13 @@ def _process_start() -> float:
 
 
 def _commit() -> str:
-    """The checkout's commit, ``+dirty`` when tracked files differ from it, ``unknown`` outside git."""
+    """The checkout's commit, ``+dirty`` when tracked files other than results differ, ``unknown`` outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root,  # results files are outputs, not code
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
