@@ -21,7 +21,9 @@ clip bound and the noise multipliers go out with the update as ``dp_*`` metrics.
 
 Job parameters (``Task.job_params``, the same at every site; refused with ``bad_job_params``):
 ``share`` (fedavg | fedbn | local_head), ``clipping`` (adaptive | fixed), ``steps``,
-``batch_size``, ``lr``, ``planned_rounds``.
+``batch_size``, ``lr``, ``planned_rounds``, and the optimizer of DP rounds ``dp_optimizer`` (sgd |
+adam) and ``dp_lr`` (SGD with momentum 0.9 at 0.01 by default: chosen on the validation split by
+``bench/segment.py --dp-tune``; Adam at ``lr`` diverges under DP noise).
 
 Pausing: the trainer waits while inference has the box before it starts; a round is short (a
 few optimizer steps) and runs to its end once started.
@@ -34,7 +36,7 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +80,14 @@ class SegmentParams:
     batch_size: int = 8
     lr: float = 2e-3
     planned_rounds: int = 20
+    dp_optimizer: str = "sgd"
+    dp_lr: float = 0.01
 
     def as_params(self) -> JobParams:
         """The wire form (what the coordinator sends)."""
         return {"share": str(self.share), "clipping": self.clipping, "steps": self.steps,
-                "batch_size": self.batch_size, "lr": self.lr, "planned_rounds": self.planned_rounds}
+                "batch_size": self.batch_size, "lr": self.lr, "planned_rounds": self.planned_rounds,
+                "dp_optimizer": self.dp_optimizer, "dp_lr": self.dp_lr}
 
 
 def parse_params(params: Mapping[str, Any]) -> SegmentParams:
@@ -96,9 +101,12 @@ def parse_params(params: Mapping[str, Any]) -> SegmentParams:
             raise ValueError(f"share must be one of {', '.join(ShareRule)}, not {params['share']!r}")
         p = SegmentParams(share=ShareRule(params.get("share", "fedbn")), clipping=str(params.get("clipping", "adaptive")),
                           steps=int(params.get("steps", 10)), batch_size=int(params.get("batch_size", 8)),
-                          lr=float(params.get("lr", 2e-3)), planned_rounds=int(params.get("planned_rounds", 20)))
+                          lr=float(params.get("lr", 2e-3)), planned_rounds=int(params.get("planned_rounds", 20)),
+                          dp_optimizer=str(params.get("dp_optimizer", "sgd")), dp_lr=float(params.get("dp_lr", 0.01)))
         if p.clipping not in ("adaptive", "fixed"):
             raise ValueError(f"clipping must be adaptive or fixed, not {p.clipping!r}")
+        if p.dp_optimizer not in ("sgd", "adam") or not 0 < p.dp_lr <= 10:
+            raise ValueError(f"need dp_optimizer sgd or adam and 0 < dp_lr <= 10, not {p.dp_optimizer!r}, {p.dp_lr}")
         if not (1 <= p.steps <= 10_000 and 1 <= p.batch_size <= 4096 and 0 < p.lr <= 10 and p.planned_rounds >= 1):
             raise ValueError("need 1 <= steps <= 10000, 1 <= batch_size <= 4096, 0 < lr <= 10, planned_rounds >= 1")
     except (TypeError, ValueError) as exc:
@@ -190,6 +198,8 @@ class SegmentTrainer:
                                f"changed its share to {params.share}?)", reason=Reason.BAD_JOB_PARAMS)
             cfg = SegTrainConfig(steps=params.steps, batch_size=params.batch_size, lr=params.lr, share=params.share,
                                  seed=task.training.seed)
+            if priv is not None:  # DP rounds: the optimizer validated under DP noise
+                cfg = replace(cfg, optimizer=params.dp_optimizer, lr=params.dp_lr)  # type: ignore[arg-type]
             try:
                 update = train_site(model.train(), data, cfg, global_tensors={k: base[k] for k in shared},
                                     state=state, round_id=task.round_id, privacy=priv)

@@ -12,7 +12,8 @@
   tensors that stay on the sites (``share=fedbn``: normalization layers; ``local_head``: the
   output block) keep the base values, so the coordinator never holds a site's own layers;
 - options (``--job-option``): ``share`` (fedbn), ``clipping`` (adaptive), ``weighting`` (equal),
-  ``steps`` (10), ``batch_size`` (8), ``lr`` (0.002) — sent to every agent with each task, with
+  ``steps`` (10), ``batch_size`` (8), ``lr`` (0.002), ``dp_optimizer`` (sgd) and ``dp_lr`` (0.01) for
+  the rounds of boxes whose profile asks for DP-SGD — sent to every agent with each task, with
   ``planned_rounds = --rounds`` (each site calibrates its DP noise to its own ε over them);
 - validation: with ``--val-data DIR`` (holding ``ph2/`` and/or ``brain-mri-flair/``) the coordinator
   scores every model on its own validation split (``learning.segmentation.data.load_validation``,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -105,6 +106,26 @@ def test_box_round_keeps_norm_layers_local_and_spends_its_own_budget_across_rest
 
 
 @needs_ph2
+@pytest.mark.parametrize("budget", [None, 8.0])
+def test_dp_rounds_train_with_the_dp_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               budget: float | None) -> None:
+    """Adam at the job's lr diverges under DP noise (bench/segment.py --dp-tune): DP rounds take dp_optimizer/dp_lr."""
+    import edge_agent.segment_training as st
+
+    seen: list[Any] = []
+    real = st.train_site
+    monkeypatch.setattr(st, "train_site", lambda model, data, cfg, **kw: seen.append(cfg) or real(model, data, cfg, **kw))
+    profile = _profile(budget=budget)
+    plan = _plan(profile, steps="1", batch_size="2", dp_lr="0.02")
+    base = plan.initial_tensors()
+    site = load_site(PH2_ROOT, np.arange(4), name="d", size=SIZE, channels=1)
+    SegmentTrainer(profile, tmp_path).train(_task(1, plan.params), _manifest(plan, base), base, site,
+                                            pause=PauseHook(), progress=None)
+    want = ("adam", 2e-3) if budget is None else ("sgd", 0.02)
+    assert [(c.optimizer, c.lr) for c in seen] == [want]
+
+
+@needs_ph2
 def test_box_refuses_bad_params_and_the_wrong_data(tmp_path: Path) -> None:
     profile = _profile(budget=None)
     plan = _plan(profile, share="fedavg", steps="1", batch_size="2")
@@ -113,7 +134,8 @@ def test_box_refuses_bad_params_and_the_wrong_data(tmp_path: Path) -> None:
     trainer = SegmentTrainer(profile, tmp_path)
     up = trainer.train(_task(1, plan.params), _manifest(plan, base), base, site, pause=PauseHook(), progress=None)
     assert "dp_epsilon" not in up.metrics and trainer.local_tensors() == {}  # fedavg: nothing stays local
-    for bad in ({"share": "everything"}, {"steps": 0}, {"clipping": "none"}, {"surprise": 1}):
+    for bad in ({"share": "everything"}, {"steps": 0}, {"clipping": "none"}, {"surprise": 1},
+                {"dp_optimizer": "rmsprop"}, {"dp_lr": 0}):
         with pytest.raises(JobError) as err:
             parse_params({**plan.params, **bad})
         assert err.value.reason == Reason.BAD_JOB_PARAMS
