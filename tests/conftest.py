@@ -14,7 +14,6 @@ from mqtt_broker import Broker, mosquitto
 
 from learning.data_path import find_data_file
 
-
 #: How often a failed multi-process test runs again (see ``pytest_collection_modifyitems``).
 PROCESS_TEST_RERUNS = 1
 

@@ -50,7 +50,7 @@ def _median_per_sample_norm(model: torch.nn.Module, n: int = 16) -> float:
 @pytest.mark.parametrize("start", [100.0, 1e-3])
 def test_adaptive_clip_bound_moves_toward_the_median_gradient_norm(start: float) -> None:
     median = _median_per_sample_norm(build_unet(TINY, seed=0))
-    priv = SitePrivacy(epsilon=50.0, planned_rounds=1, initial_clip=start, min_clip=1e-4, max_clip=1e4)
+    priv = SitePrivacy(epsilon=50.0, planned_rounds=1, initial_clip=start, min_clip=1e-4, max_clip=1e4, clip_lr=0.2)
     cfg = SegTrainConfig(steps=24, batch_size=4, share=ShareRule.FEDBN)
     u = _round(build_unet(TINY, seed=0), priv, SiteState(), 1, cfg=cfg)
     after = u.metrics["dp_clip"]
