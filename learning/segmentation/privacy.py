@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from opacus.optimizers import AdaClipDPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from learning.privacy_accounting import (
     BudgetExhausted,
@@ -160,6 +162,21 @@ class QuantileAdaClipOptimizer(AdaClipDPOptimizer):  # type: ignore[misc]  # opa
         """Arguments as ``AdaClipDPOptimizer`` (``noise_multiplier`` = the combined ``z``)."""
         super().__init__(*args, **kwargs)
         self.fractions: list[float] = []  # noised unclipped fraction per step (released values)
+
+    def clip_and_accumulate(self) -> None:
+        """As opacus', and an empty Poisson sample clips nothing and adds zero (opacus' own reshape fails on it).
+
+        The step still adds its noise and releases its (noised) count of 0, as the accountant assumes.
+        """
+        if any(len(g) for g in self.grad_samples):
+            super().clip_and_accumulate()
+            return
+        self.unclipped_num = torch.zeros((), dtype=torch.long) + self.unclipped_num  # a count, as opacus keeps it
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            zero = torch.zeros_like(p)
+            p.summed_grad = zero if p.summed_grad is None else p.summed_grad + zero
+            _mark_as_processed(p.grad_sample)
 
     def update_max_grad_norm(self) -> None:
         """Move the clip bound from this step's released (noised) count."""
