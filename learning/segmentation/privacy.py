@@ -171,7 +171,7 @@ class QuantileAdaClipOptimizer(AdaClipDPOptimizer):  # type: ignore[misc]  # opa
         if any(len(g) for g in self.grad_samples):
             super().clip_and_accumulate()
             return
-        self.unclipped_num = torch.zeros((), dtype=torch.long) + self.unclipped_num  # a count, as opacus keeps it
+        self.unclipped_num = torch.zeros((), dtype=torch.long) + int(self.__dict__["unclipped_num"])  # opacus keeps a tensor
         for p in self.params:
             _check_processed_flag(p.grad_sample)
             zero = torch.zeros_like(p)
