@@ -13,6 +13,8 @@ serialize): real DICOM files pydicom ships, mutated ones and arbitrary bytes.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,7 +41,8 @@ schemathesis.openapi.media_type("application/dicom", st.one_of(
 
 
 def _app() -> object:
-    root = Path(tempfile.mkdtemp(prefix="fedscan-contract-"))
+    root = Path(tempfile.mkdtemp(prefix="fedscan-contract-"))  # built at import, for schemathesis' schema
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     served = ServedModel()
     install(served, "v1", seed=1)
     store, audit = LocalStore(root / "store"), AuditLog(root / "audit.jsonl")
