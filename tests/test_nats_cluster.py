@@ -8,6 +8,7 @@ up in docs/brokers.md.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -100,6 +101,14 @@ def _accepted(fed: Federation, round_id: int) -> list[str]:
         store.close()
 
 
+def _opened(fed: Federation, round_id: int) -> bool:
+    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
+    try:
+        return store.get_round(round_id) is not None
+    finally:
+        store.close()
+
+
 def _complete(fed: Federation, round_id: int) -> bool:
     store = open_store(f"sqlite:///{fed.state / 'state.db'}")
     try:
@@ -117,7 +126,8 @@ def _connected_ports(log: Path) -> list[int]:
 def test_round_completes_when_nodes_die_mid_round(tmp_path: Path, pneumonia_npz: Path) -> None:
     """Coordinator and 3 agent processes on a 3-node cluster, each starting at the node its
     client id picks. Round 1: kill the node two agents are on, after the first update was
-    accepted. Between rounds the node comes back. Round 2: kill the coordinator's node. Both
+    accepted. Between rounds the node comes back. Round 2: kill the coordinator's node as the
+    round opens, the agents held until then so that all of its updates come after. Both
     rounds complete with every agent's update accepted exactly once (0 lost), and the processes
     on the killed nodes carried on from another node."""
     train = load_medmnist(pneumonia_npz, "train")
@@ -134,12 +144,24 @@ def test_round_completes_when_nodes_die_mid_round(tmp_path: Path, pneumonia_npz:
             wait_for(lambda: len(_accepted(fed, 1)) >= 1, 240, "a first accepted update in round 1", fed, poll=0.05)
             cluster.kill(agents_node)
             assert len(_accepted(fed, 1)) < len(fed.sites), "the kill must land mid-round"
-            wait_for(lambda: _complete(fed, 1), 240, "round 1 after the node died", fed)
-            cluster.start_node(agents_node)
-            cluster.wait_ready()
-            wait_for(lambda: len(_accepted(fed, 2)) >= 1, 240, "a first accepted update in round 2", fed, poll=0.05)
-            cluster.kill(coord_node)
-            assert len(_accepted(fed, 2)) < len(fed.sites), "the second kill must land mid-round"
+            # Round 2 must still be collecting when the coordinator's node dies. Its updates (a second
+            # of training) used to be in before the restarted node was ready, so the agents are held
+            # (SIGSTOP) from the end of round 1's uploads until that kill, then let go.
+            wait_for(lambda: len(_accepted(fed, 1)) == len(fed.sites), 240, "every update of round 1", fed)
+            wait_for(lambda: all(any(p != agents_node.mqtt_port for p in _connected_ports(fed.root / n / "agent.log"))
+                                 for n in moved), 120, "the moved agents on another node", fed)
+            for proc in fed.agents.values():
+                proc.send_signal(signal.SIGSTOP)
+            try:
+                wait_for(lambda: _complete(fed, 1), 240, "round 1 after the node died", fed)
+                cluster.start_node(agents_node)
+                cluster.wait_ready()
+                wait_for(lambda: _opened(fed, 2), 240, "round 2 to open", fed)
+                cluster.kill(coord_node)
+                assert _accepted(fed, 2) == [], "the second kill must land before round 2's updates"
+            finally:
+                for proc in fed.agents.values():
+                    proc.send_signal(signal.SIGCONT)
             wait_for(lambda: _complete(fed, 2), 300, "round 2 after the coordinator's node died", fed)
         finally:
             fed.stop()
