@@ -120,6 +120,25 @@ class Federation:
         return "\n".join(parts)
 
 
+def round_opened(fed: Federation, round_id: int) -> bool:
+    """Whether the coordinator has recorded ``round_id`` (it records a round as it opens it)."""
+    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
+    try:
+        return store.get_round(round_id) is not None
+    finally:
+        store.close()
+
+
+def round_complete(fed: Federation, round_id: int) -> bool:
+    """Whether round ``round_id`` is complete in the coordinator's store."""
+    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
+    try:
+        r = store.get_round(round_id)
+        return r is not None and r.status == "complete"
+    finally:
+        store.close()
+
+
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, fed: Federation | None = None,
              poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout

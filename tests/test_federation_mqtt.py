@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fedproc import Federation, wait_for
+from fedproc import Federation, round_complete, wait_for
 from mqtt_broker import Broker
 
 from coordinator.keys import ensure_signing_key, trust_path
@@ -20,15 +20,6 @@ from firmware.profile import find_profile
 from learning.datasets import load_medmnist
 
 pytestmark = pytest.mark.integration
-
-
-def _complete(fed: Federation, round_id: int) -> bool:
-    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
-    try:
-        r = store.get_round(round_id)
-        return r is not None and r.status == "complete"
-    finally:
-        store.close()
 
 
 def _history(fed: Federation) -> list[tuple[str, str | None, list[str], str]]:
@@ -46,7 +37,7 @@ def test_two_rounds_three_agent_processes(tmp_path: Path, broker: Broker, pneumo
     fed.prepare(train.labels).close()
     fed.start_all()
     try:
-        wait_for(lambda: _complete(fed, 2), 240, "round 2 to complete", fed)
+        wait_for(lambda: round_complete(fed, 2), 240, "round 2 to complete", fed)
         # every agent installs the newest model and reports it through its shadow
         store = open_store(f"sqlite:///{fed.state / 'state.db'}")
         wait_for(lambda: all(a.reported_version == "v2" for a in store.list_agents()), 90, "agents to report v2", fed)
@@ -78,7 +69,7 @@ def test_coordinator_sigkill_mid_round_resumes_without_loss(tmp_path: Path, brok
     reference.prepare(train.labels).close()
     reference.start_all()
     try:
-        wait_for(lambda: _complete(reference, 2), 240, "reference run", reference)
+        wait_for(lambda: round_complete(reference, 2), 240, "reference run", reference)
     finally:
         reference.stop()
 
@@ -100,7 +91,7 @@ def test_coordinator_sigkill_mid_round_resumes_without_loss(tmp_path: Path, brok
             assert r2 is not None and r2.status == "collecting"
             time.sleep(1.0)  # agents keep working (and resending) while the coordinator is down
             fed.start_coordinator()
-            wait_for(lambda: _complete(fed, 2), 240, "round 2 after restart", fed)
+            wait_for(lambda: round_complete(fed, 2), 240, "round 2 after restart", fed)
             after = store.list_updates(2)
             store.close()
         finally:
@@ -123,7 +114,7 @@ def test_broker_killed_mid_round_round_completes(tmp_path: Path, broker: Broker,
         broker.stop()
         time.sleep(2.0)
         broker.start()  # a fresh broker: no sessions, no retained messages
-        wait_for(lambda: _complete(fed, 2), 300, "both rounds after the broker restart", fed)
+        wait_for(lambda: round_complete(fed, 2), 300, "both rounds after the broker restart", fed)
         assert sorted(u.agent_id for u in store.list_updates(1)) == fed.sites
         store.close()
     finally:
@@ -178,7 +169,7 @@ def test_unenrolled_and_malformed_inputs_are_refused_over_mqtt(tmp_path: Path, b
         assert {"not_enrolled", "bad_magic"} <= reasons, reasons
         for name in fed.sites:
             fed.start_agent(name)
-        wait_for(lambda: _complete(fed, 1), 240, "round 1 to complete despite bad input", fed)
+        wait_for(lambda: round_complete(fed, 1), 240, "round 1 to complete despite bad input", fed)
         assert sorted(u.agent_id for u in store.list_updates(1)) == fed.sites
     finally:
         store.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from fedproc import Federation, wait_for
+from fedproc import Federation, round_complete, round_opened, wait_for
 from nats_cluster import NatsCluster, nats_cluster
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -101,23 +101,6 @@ def _accepted(fed: Federation, round_id: int) -> list[str]:
         store.close()
 
 
-def _opened(fed: Federation, round_id: int) -> bool:
-    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
-    try:
-        return store.get_round(round_id) is not None
-    finally:
-        store.close()
-
-
-def _complete(fed: Federation, round_id: int) -> bool:
-    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
-    try:
-        r = store.get_round(round_id)
-        return r is not None and r.status == "complete"
-    finally:
-        store.close()
-
-
 def _connected_ports(log: Path) -> list[int]:
     return [int(p) for p in re.findall(r"connected to 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))]
 
@@ -153,16 +136,16 @@ def test_round_completes_when_nodes_die_mid_round(tmp_path: Path, pneumonia_npz:
             for proc in fed.agents.values():
                 proc.send_signal(signal.SIGSTOP)
             try:
-                wait_for(lambda: _complete(fed, 1), 240, "round 1 after the node died", fed)
+                wait_for(lambda: round_complete(fed, 1), 240, "round 1 after the node died", fed)
                 cluster.start_node(agents_node)
                 cluster.wait_ready()
-                wait_for(lambda: _opened(fed, 2), 240, "round 2 to open", fed)
+                wait_for(lambda: round_opened(fed, 2), 240, "round 2 to open", fed)
                 cluster.kill(coord_node)
                 assert _accepted(fed, 2) == [], "the second kill must land before round 2's updates"
             finally:
                 for proc in fed.agents.values():
                     proc.send_signal(signal.SIGCONT)
-            wait_for(lambda: _complete(fed, 2), 300, "round 2 after the coordinator's node died", fed)
+            wait_for(lambda: round_complete(fed, 2), 300, "round 2 after the coordinator's node died", fed)
         finally:
             fed.stop()
             logs = fed.logs() + "\n" + cluster.logs()
