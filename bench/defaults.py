@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, print_table, write_rows
-from melanoma import commit, row, summarize
+from melanoma import PROFILE as MELANOMA_PROFILE
+from melanoma import commit, row, spec_at, summarize
 
+from coordinator.rounds import ModelSpec
 from fedscan.baselines import (
     ArmSettings,
     Budget,
@@ -41,7 +44,8 @@ from fedscan.baselines import (
 )
 from fedscan.compose import model_spec_for
 from firmware.profile import find_profile
-from learning import recipe
+from learning import isic, recipe
+from learning.augment import DERMOSCOPY, Augment, build_augment
 from learning.datasets import ArrayDataset, load_demo_splits
 from learning.partition import dirichlet_label_skew
 
@@ -59,12 +63,75 @@ def datasets(quick: bool) -> dict[str, ArrayDataset]:
     return {"pneumoniamnist_full": train, "pneumoniamnist_500": subset}
 
 
+def _tune_data(dataset: str, seed: int) -> tuple[ModelSpec, ArrayDataset, list[np.ndarray], ArrayDataset,
+                                                  list[str] | None, Augment | None]:
+    """Model, training set, site parts, validation split, site names and augmentation of one tuning dataset."""
+    if dataset == "isic":
+        splits = isic.load_splits(find_profile(MELANOMA_PROFILE).input.height)
+        sites = isic.device_sites(splits["train"], min_size=40)
+        return (spec_at(find_profile(MELANOMA_PROFILE).input.height), splits["train"], list(sites.parts),
+                splits["val"], list(sites.names), build_augment(DERMOSCOPY))
+    splits = load_demo_splits(allow_generated=False)
+    train = datasets(False)[dataset]
+    return (model_spec_for(find_profile(PROFILE)), train, dirichlet_label_skew(train.labels, SITES, ALPHA, seed=seed),
+            splits["val"], None, None)
+
+
+def _tune_one(dataset: str, seed: int, momentum: float | None) -> dict[str, Any]:
+    """Validation AUC of the federated arm at server ``momentum`` (None: the centralized reference)."""
+    torch.set_num_threads(1)
+    spec, train, parts, val, names, augment = _tune_data(dataset, seed)
+    budget = Budget(recipe.ROUNDS, recipe.STEPS_PER_ROUND)
+    settings = ArmSettings(budget, recipe.default_training(recipe.ROUNDS, recipe.STEPS_PER_ROUND), augment,
+                           strategy_args=None if momentum is None else {"momentum": momentum})
+    out = (centralized_arm(spec, train, parts, val, val, settings, seed=seed) if momentum is None else
+           federated_arm(spec, train, parts, val, val, settings, seed=seed, site_names=names))
+    curve = [v for v in out.val_curve if v == v]
+    return {"dataset": dataset, "seed": seed, "arm": "centralized" if momentum is None else "federated",
+            "server_momentum": momentum, "val_auc_best": max(curve), "val_auc_last": curve[-1],
+            "selected_round": out.selected_round, "seconds": round(out.seconds, 1)}
+
+
+def tune_server_momentum(momenta: list[float], tune_sets: list[str], seeds: list[int], workers: int) -> None:
+    """Validation AUC (never test) of the recipe's FedAvgM at each server momentum, on every dataset and seed, with
+    the centralized arm as the reference; the momentum with the best mean over datasets and seeds is chosen.
+    Rows in ``bench/results/defaults_tuning.json``."""
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        futs = [ex.submit(_tune_one, d, s, m) for d in tune_sets for s in seeds for m in [*momenta, None]]
+        rows = [f.result() for f in futs]
+    fed = [r for r in rows if r["arm"] == "federated"]
+    cen = {(r["dataset"], r["seed"]): r["val_auc_best"] for r in rows if r["arm"] == "centralized"}
+    score = {m: float(np.mean([r["val_auc_best"] for r in fed if r["server_momentum"] == m])) for m in momenta}
+    gap = {m: float(np.mean([r["val_auc_best"] - cen[(r["dataset"], r["seed"])] for r in fed
+                             if r["server_momentum"] == m])) for m in momenta}
+    best = max(momenta, key=lambda m: score[m])
+    rows += [{"arm": "summary", "server_momentum": m, "mean_val_auc": score[m],
+              "mean_fed_minus_centralized_val_auc_points": 100 * gap[m], "chosen": m == best} for m in momenta]
+    print_table(rows, ["dataset", "seed", "arm", "server_momentum", "val_auc_best", "selected_round", "mean_val_auc",
+                       "mean_fed_minus_centralized_val_auc_points", "chosen"])
+    write_rows("defaults_tuning", rows, quick=False, meta={
+        "commit": commit(), "load_avg": os.getloadavg(), "quick": False, "split": "validation only",
+        "datasets": tune_sets, "seeds": seeds, "momenta": momenta, "rounds": recipe.ROUNDS,
+        "steps_per_round": recipe.STEPS_PER_ROUND, "chosen_server_momentum": best,
+        "wall_seconds": round(time.perf_counter() - t0, 1)})
+
+
 def main() -> None:
     """Run every arm on both training sets and write ``bench/results/defaults.json``."""
     p = parser(__doc__ or "")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--tune-server-momentum", default=None, help="comma-separated FedAvgM momenta to compare on "
+                   "validation, e.g. 0.5,0.6,0.7,0.8,0.9 (with --tune-datasets, --tune-seeds)")
+    p.add_argument("--tune-datasets", default="isic,pneumoniamnist_full")
+    p.add_argument("--tune-seeds", default="0,1")
     args = p.parse_args()
+    if args.tune_server_momentum:
+        tune_server_momentum([float(m) for m in args.tune_server_momentum.split(",")],
+                             args.tune_datasets.split(","), [int(s) for s in args.tune_seeds.split(",")],
+                             args.workers)
+        return
     rounds, steps = (2, 2) if args.quick else (recipe.ROUNDS, recipe.STEPS_PER_ROUND)
     seeds = 1 if args.quick else args.seeds
     t0 = time.perf_counter()

@@ -17,8 +17,9 @@ best validated model; the test split only reports the selected model (and, for c
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -31,7 +32,7 @@ from learning.binary_metrics import binary_report
 from learning.datasets import DEFAULT_NORMALIZE, ArrayDataset, Normalize
 from learning.metrics import classification_metrics, predict_proba
 from learning.models import build_model
-from learning.recipe import STRATEGY, budget_config
+from learning.recipe import STRATEGY, budget_config, strategy_args_for
 from learning.selection import DEFAULT_METRIC, BestSoFar
 from learning.state import set_tensors
 from protocol.codec import Tensors
@@ -88,6 +89,7 @@ class ArmSettings:
     augment: Augment | None = None
     metric: str = DEFAULT_METRIC
     strategy: str = STRATEGY  # the federated arm's; one-model arms (centralized, single site) take no server step
+    strategy_args: Mapping[str, Any] | None = None  # None: the recipe's for ``strategy`` (``recipe.strategy_args_for``)
 
 
 def run_arm(name: str, spec: ModelSpec, train: ArrayDataset, parts: Sequence[np.ndarray], val: ArrayDataset,
@@ -109,9 +111,10 @@ def run_arm(name: str, spec: ModelSpec, train: ArrayDataset, parts: Sequence[np.
 
     budget = settings.budget
     steps = steps_per_round or budget.steps_per_round
+    args = strategy_args_for(settings.strategy) if settings.strategy_args is None else settings.strategy_args
     experiments.federated(spec, train, parts, None, rounds=budget.rounds, training=budget.config(settings.training,
-                          steps), strategy=settings.strategy, seed=seed, threads=1, site_names=site_names,
-                          on_round=on_round, augment=settings.augment)
+                          steps), strategy=settings.strategy, strategy_args=args, seed=seed, threads=1,
+                          site_names=site_names, on_round=on_round, augment=settings.augment)
     if "best" not in seen:  # no round had a finite validation score: serve the last (selected_round 0 says so)
         seen["best"] = seen["last"]
     return Outcome(

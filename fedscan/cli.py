@@ -26,7 +26,7 @@ from fedscan.fleet_cli import register
 from fedscan.log_setup import setup_logging as _logging
 from fedscan.network_cli import register as register_network
 from firmware.profile import ProfileError, find_profile
-from learning.recipe import ROUNDS, STEPS_PER_ROUND, default_training
+from learning.recipe import ROUNDS, STEPS_PER_ROUND, default_training, strategy_args_for
 from learning.recipe import STRATEGY as RECIPE_STRATEGY
 from protocol.errors import Reason, TransportError
 from protocol.identifiers import validate_id
@@ -175,9 +175,11 @@ def coordinator(
         typer.echo(f"error: --select-metric must be latest, auc, balanced_accuracy, accuracy or loss, "
                    f"not {select_metric!r}", err=True)
         raise typer.Exit(EXIT_CONFIG)
+    recipe_args: dict[str, float] = {}
     if recipe == "default":
         training = default_training(rounds, steps_per_round or STEPS_PER_ROUND, seed=seed)
         strategy = strategy or RECIPE_STRATEGY
+        recipe_args = strategy_args_for(strategy)  # the recipe's server momentum, with its FedAvgM
     elif recipe == "flags" and steps_per_round is None:
         training = TrainingConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr, prox_mu=prox_mu,
                                   max_steps=max_steps, loss=loss)
@@ -190,7 +192,7 @@ def coordinator(
     classify = prof.job not in _OWN_DATA_JOBS and job not in _OWN_DATA_JOBS
     if (advice := local_work_warning(strategy, training)) is not None:
         typer.echo(f"warning: {advice}", err=True)
-    strategy_args = strategy_options(strategy, max_weight_ratio=max_weight_ratio or None)
+    strategy_args = {**recipe_args, **strategy_options(strategy, max_weight_ratio=max_weight_ratio or None)}
     try:  # an impossible strategy / round size is refused here, not in the middle of a round
         check_round_size(build_strategy(strategy, **strategy_args), min_clients)
     except ValueError as exc:

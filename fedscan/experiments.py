@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,7 @@ def federated(
     codec: str | None = None, chunk_bytes: int = 256 * 1024,
     attack: Callable[[str, Tensors, Tensors], Tensors] | None = None,
     augment: Augment | None = None,
-    downlink: str | None = None, val: ArrayDataset | None = None,
+    downlink: str | None = None, val: ArrayDataset | None = None, strategy_args: Mapping[str, Any] | None = None,
 ) -> ArmResult:
     """In-process federation.
 
@@ -110,11 +110,11 @@ def federated(
     as the agents run it. With ``downlink`` (a delta pipeline), each round's model is the compressed step
     from the previous one, as the coordinator publishes it (``ModelPublisher.step``), and ``out.downlink``
     records the step's chunked bytes. ``val`` adds validation metrics per round (settings are chosen on
-    those).
+    those). ``strategy_args`` are the strategy's keyword arguments (the coordinator's ``strategy_args``).
     """
     t0 = time.perf_counter()
     names = list(site_names or [f"site-{i + 1}" for i in range(len(parts))])
-    strat = build_strategy(strategy)
+    strat = build_strategy(strategy, **dict(strategy_args or {}))
     weights = initial(spec, seed)
     out = ArmResult("federated")
     ef_states = {name: ErrorFeedbackState() for name in names}

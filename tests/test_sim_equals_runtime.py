@@ -39,7 +39,7 @@ from coordinator.strategies import build_strategy
 from fedscan.experiments import federated
 from firmware.profile import find_profile
 from learning.datasets import load_medmnist
-from learning.recipe import STRATEGY, default_training
+from learning.recipe import STRATEGY, STRATEGY_ARGS, default_training
 from protocol.codec import Tensors
 from protocol.messages import TrainingConfig
 
@@ -61,7 +61,8 @@ def _training() -> TrainingConfig:
 
 
 def _simulate(train_path: Path, sites: list[str], parts: list[np.ndarray], rounds: int = ROUNDS, *,
-              training: TrainingConfig | None = None, strategy: str = "fedavg", codec: str = CODEC) -> list[Tensors]:
+              training: TrainingConfig | None = None, strategy: str = "fedavg", codec: str = CODEC,
+              strategy_args: dict[str, float] | None = None) -> list[Tensors]:
     train = load_medmnist(train_path, "train")
     profile = find_profile("xray-cxr-28")
     spec = model_spec_for(profile)
@@ -69,7 +70,8 @@ def _simulate(train_path: Path, sites: list[str], parts: list[np.ndarray], round
     # the downlink the coordinator picks for ``--downlink-codec auto`` and this uplink codec (compressed
     # steps once the uplink is lossy, exact for a lossless one): the simulation publishes the same models
     downlink = downlink_step_codec(DOWNLINK, profile, codec)
-    federated(spec, train, parts, None, rounds=rounds, training=training or _training(), strategy=strategy, seed=0,
+    federated(spec, train, parts, None, rounds=rounds, training=training or _training(), strategy=strategy,
+              strategy_args=strategy_args, seed=0,
               threads=1, site_names=sites, codec=codec, downlink=downlink, on_round=lambda w: per_round.append({k: v.copy() for k, v in w.items()}))
     return per_round
 
@@ -146,13 +148,18 @@ def test_default_recipe_with_server_momentum_equals_agent_processes_bitwise(tmp_
         ["--no-export", "--recipe", "default", "--steps-per-round", str(RECIPE_STEPS), "--codec", "raw"])
     configs = [rec.config for rec in rounds if rec is not None]
     training = default_training(ROUNDS, RECIPE_STEPS)
-    assert configs == [round_training(training, build_strategy(STRATEGY), 0, r).model_dump()
+    assert configs == [round_training(training, build_strategy(STRATEGY, **STRATEGY_ARGS), 0, r).model_dump()
                        for r in range(1, ROUNDS + 1)], "the coordinator announced another recipe"
     repo = ModelRepository(fed.state / "models")
     runtime = [repo.tensors(f"v{r}") for r in range(1, ROUNDS + 1)]
-    simulated = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy=STRATEGY, codec="raw")
+    simulated = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy=STRATEGY, codec="raw",
+                          strategy_args=dict(STRATEGY_ARGS))
     for r in range(ROUNDS):
         assert _bitwise_diff(simulated[r], runtime[r]) == [], f"round {r + 1}: simulation != runtime"
+    # control: FedAvgM's usual momentum (0.9) is not what the recipe's coordinator ran
+    usual = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy=STRATEGY, codec="raw",
+                      strategy_args={"momentum": 0.9})
+    assert _bitwise_diff(usual[1], runtime[1]) != []
     # control: without the server momentum the second round differs (the velocity is part of the state)
     plain = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy="fedavg", codec="raw")
     assert _bitwise_diff(plain[1], runtime[1]) != []
