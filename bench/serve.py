@@ -82,21 +82,25 @@ def main() -> None:
         rows += derm
     if args.part != "all":  # one half rerun: keep the other half's rows of the last run
         kept = "dermoscopy" if args.part == "xray" else "xray"
-        rows += [{"model": "xray", **r} for r in _previous_rows(args.quick) if r.get("model", "xray") == kept]
+        previous, source = _previous_rows(args.quick)
+        rows += [{"model": "xray", "kept_from_run": source, **r} for r in previous if r.get("model", "xray") == kept]
     print(f"rows: {write_rows('serve', rows, quick=args.quick)}")
 
 
-def _previous_rows(quick: bool) -> list[dict[str, Any]]:
-    """The rows of the last run's results file (rows without a ``model`` are the X-ray rows)."""
+def _previous_rows(quick: bool) -> tuple[list[dict[str, Any]], str]:
+    """The rows of the last run's results file (rows without a ``model`` are the X-ray rows) and which run
+    that was (its commit and date: kept rows say so, the file's meta names only the new half's run)."""
     import json
 
     from _common import RESULTS
 
     path = RESULTS / ("serve.quick.json" if quick else "serve.json")
     try:
-        return list(json.loads(path.read_text())["rows"])
-    except (OSError, ValueError, KeyError):
-        return []
+        doc = json.loads(path.read_text())
+        meta = doc.get("meta", {})
+        return list(doc["rows"]), f"commit {meta.get('commit', 'not recorded')}, {meta.get('when', 'date unknown')}"
+    except (OSError, ValueError, KeyError, AttributeError):
+        return [], "none"
 
 
 def xray_rows(args: Any, n: int) -> list[dict[str, Any]]:
