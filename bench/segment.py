@@ -72,6 +72,7 @@ class Settings:
     target_quantile: float = 0.5  # adaptive: the quantile of per-image gradient norms C follows
     clip_lr: float = 0.05  # adaptive: η of the geometric update (``--clip-tune``: 0.05 over 0.2 on validation)
     fixed_clip: float = 1.0  # fixed clipping's C
+    lr_per_clip: bool = False  # adaptive: learning rate × initial_clip / C at each step (``SitePrivacy``)
     #: the DP arms' optimizer (``--dp-tune`` chose it on validation: Adam diverges under DP noise)
     dp_optimizer: str = "sgd"
     dp_lr: float = 0.01
@@ -125,7 +126,7 @@ def run_job(job: Job, s: Settings, eval_split: str = "test") -> tuple[Job, RunRe
     priv = None if np.isinf(job.epsilon) else SitePrivacy(
         epsilon=job.epsilon, delta=s.delta, planned_rounds=s.rounds, clipping=job.clipping,  # type: ignore[arg-type]
         initial_clip=s.fixed_clip if job.clipping == "fixed" else s.initial_clip,
-        target_quantile=s.target_quantile, clip_lr=s.clip_lr)
+        target_quantile=s.target_quantile, clip_lr=s.clip_lr, lr_per_clip=s.lr_per_clip)
     noise_seed = 10_000 + job.seed
     if job.arm == "federated":
         res = run_federated(splits, mc, cfg, rounds=s.rounds, seed=job.seed, weighting=s.weighting,  # type: ignore[arg-type]
@@ -298,10 +299,11 @@ def clip_tune(candidates: list[str], workers: int) -> None:
     for c in candidates:
         kind, *v = c.split(":")
         s = replace(SETTINGS, fixed_clip=float(v[0])) if kind == "fixed" else replace(
-            SETTINGS, target_quantile=float(v[0]), clip_lr=float(v[1]))
-        jobs.append((s, Job("federated", "fedbn", 4.0, kind, 0)))
+            SETTINGS, target_quantile=float(v[0]), clip_lr=float(v[1]), lr_per_clip=kind == "adaptive-lr")
+        jobs.append((s, Job("federated", "fedbn", 4.0, "fixed" if kind == "fixed" else "adaptive", 0)))
     rows = _on_validation(jobs, workers, lambda s, j: {"candidate": (
-        f"fixed:{s.fixed_clip:g}" if j.clipping == "fixed" else f"adaptive:{s.target_quantile:g}:{s.clip_lr:g}")})
+        f"fixed:{s.fixed_clip:g}" if j.clipping == "fixed" else
+        f"{'adaptive-lr' if s.lr_per_clip else 'adaptive'}:{s.target_quantile:g}:{s.clip_lr:g}")})
     score = {c: float(np.mean([r["val_dice"] for r in rows if r["candidate"] == c])) for c in {r["candidate"] for r in rows}}
     for kind in ("fixed", "adaptive"):
         mine = {c: v for c, v in score.items() if c.startswith(kind)}
@@ -327,7 +329,7 @@ def main() -> None:
                    "(seed 0, ε = ∞), e.g. 64x40,32x20,48x20")
     p.add_argument("--dp-tune", default=None, help="OPT:LR,... : validation Dice of the DP arms' optimizer "
                    "candidates (seed 0, ε = 4), e.g. adam:0.0005,sgd:0.05,sgd:0.01")
-    p.add_argument("--clip-tune", default=None, help="fixed:C,...,adaptive:QUANTILE:ETA,... : validation Dice of "
+    p.add_argument("--clip-tune", default=None, help="fixed:C,...,adaptive[-lr]:QUANTILE:ETA,... : validation Dice of "
                    "clipping settings (seed 0, ε = 4), each method's best is chosen")
     args = p.parse_args()
     if args.clip_tune:

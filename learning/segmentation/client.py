@@ -180,6 +180,9 @@ def _dp_steps(model: nn.Module, site: SiteData, cfg: SegTrainConfig, priv: SiteP
                 else:  # an empty Poisson sample still releases noise (and counts for the accountant)
                     for p in gsm.parameters():
                         p.grad_sample = torch.zeros((0, *p.shape))
+                if priv.lr_per_clip:  # the step size stays the validated one whatever bound the site's data set
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * priv.initial_clip / float(opt.max_grad_norm)
                 opt.step()
         finally:
             gsm.cleanup()

@@ -76,6 +76,10 @@ class SitePrivacy:
     min_clip: float = 1e-3
     max_clip: float = 1e3
     count_stddev: float | None = None
+    #: scale the learning rate by ``initial_clip / C`` at every step, so that a moving bound changes the
+    #: clipping's bias/noise trade-off but not the step size (each clipped gradient moves the model at most
+    #: ``lr · initial_clip``); no effect on fixed clipping
+    lr_per_clip: bool = False
 
     def __post_init__(self) -> None:
         """Refuse settings no accountant can honour."""
