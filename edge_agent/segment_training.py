@@ -8,7 +8,7 @@ the update. Local tensors never leave the box: the update carries the base model
 them, so the coordinator's average leaves them untouched and learns nothing from them.
 
 Privacy (the box's firmware profile, ``privacy``): with ``dp_sgd: true`` every round is DP-SGD with
-per-sample clipping, **adaptive** (quantile-based, Andrew et al. 2021, target median; the bound
+per-sample clipping, **adaptive** (quantile-based, Andrew et al. 2021, target quantile 0.1; the bound
 starts at ``max_grad_norm`` and moves with the site's own released counts) or **fixed** at
 ``max_grad_norm`` (the task's ``clipping``), and noise calibrated to this box's own
 ``epsilon_budget`` at ``target_delta`` over the federation's ``planned_rounds`` (the profile's

@@ -50,7 +50,8 @@ def _median_per_sample_norm(model: torch.nn.Module, n: int = 16) -> float:
 @pytest.mark.parametrize("start", [100.0, 1e-3])
 def test_adaptive_clip_bound_moves_toward_the_median_gradient_norm(start: float) -> None:
     median = _median_per_sample_norm(build_unet(TINY, seed=0))
-    priv = SitePrivacy(epsilon=50.0, planned_rounds=1, initial_clip=start, min_clip=1e-4, max_clip=1e4, clip_lr=0.2)
+    priv = SitePrivacy(epsilon=50.0, planned_rounds=1, initial_clip=start, min_clip=1e-4, max_clip=1e4, clip_lr=0.2,
+                       target_quantile=0.5)
     cfg = SegTrainConfig(steps=24, batch_size=4, share=ShareRule.FEDBN)
     u = _round(build_unet(TINY, seed=0), priv, SiteState(), 1, cfg=cfg)
     after = u.metrics["dp_clip"]
@@ -133,3 +134,25 @@ def test_an_empty_poisson_sample_still_takes_its_noisy_step(clipping: str) -> No
     assert all(np.isfinite(v).all() for v in u.tensors.values())
     if clipping == "adaptive":  # every step released its noised count, the empty ones too
         assert np.isfinite(u.metrics["dp_noised_unclipped_fraction"])
+
+
+def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a)))
+
+
+def test_lr_per_clip_keeps_the_step_size_of_the_initial_bound() -> None:
+    """With ``lr_per_clip`` the learning rate follows ``initial_clip / C``: no effect on fixed clipping
+    (bitwise), and a bound that shrinks from 100 toward the gradient norms (~1) keeps moving the model
+    with the initial step size, where the plain rule's steps shrink with the bound."""
+    cfg = SegTrainConfig(steps=12, batch_size=4, share=ShareRule.FEDBN)
+    base = get_named(build_unet(TINY, seed=0), shared_names(build_unet(TINY, seed=0), cfg.share))
+    fixed = [_round(build_unet(TINY, seed=0), SitePrivacy(epsilon=50.0, planned_rounds=1, clipping="fixed",
+                                                          lr_per_clip=flag), SiteState(), 1, cfg=cfg)
+             for flag in (False, True)]
+    assert _distance(fixed[0].tensors, fixed[1].tensors) == 0.0
+    kw = {"epsilon": 50.0, "planned_rounds": 1, "initial_clip": 100.0, "min_clip": 1e-4, "max_clip": 1e4,
+          "clip_lr": 0.5, "target_quantile": 0.5}
+    plain, scaled = (_round(build_unet(TINY, seed=0), SitePrivacy(**kw, lr_per_clip=flag), SiteState(), 1, cfg=cfg)
+                     for flag in (False, True))
+    assert plain.metrics["dp_clip"] < 50 and scaled.metrics["dp_clip"] < 50  # the bound came down
+    assert _distance(scaled.tensors, base) > 1.5 * _distance(plain.tensors, base)
