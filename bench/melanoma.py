@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import _commit, parser, print_table, write_rows
 
 from coordinator.rounds import ModelSpec
 from fedscan.baselines import (
@@ -57,16 +56,8 @@ METRICS = ("auc", "balanced_accuracy", "sensitivity_at_90_specificity", "accurac
 
 
 def commit() -> str:
-    """Return the repository's commit (with ``+dirty`` when the work tree has changes)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+    """Return the repository's commit (``+dirty`` when tracked files other than results differ)."""
+    return _commit()
 
 
 def spec_at(size: int) -> ModelSpec:
