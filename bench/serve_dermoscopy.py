@@ -91,7 +91,7 @@ def dermoscopy_rows(n: int, threads: int, quick: bool, drive: Callable[..., dict
                 for c in (1, 4, 16):
                     r = ex.submit(drive, f"http://127.0.0.1:{port}", bodies, c, n, "image/jpeg").result()
                     rows.append({"model": "dermoscopy", "concurrency": c, "requests": n, **r, "engine": engine.name,
-                                 "input": "ISIC JPEG 250x250 -> 64x64 RGB"})
+                                 "input": f"ISIC JPEG 250x250 -> {spec.input.height}x{spec.input.width} RGB"})
         finally:
             server.stop()
     rows.append({"model": "dermoscopy", "concurrency": "calibration", "temperature": temperature,
