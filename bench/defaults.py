@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, print_table, write_rows
 from melanoma import PROFILE as MELANOMA_PROFILE
-from melanoma import commit, row, spec_at, summarize
+from melanoma import row, spec_at, summarize
 
 from coordinator.rounds import ModelSpec
 from fedscan.baselines import (
@@ -54,9 +54,8 @@ MEDMNIST_RESNET18_28_AUC = 0.944
 SITES, ALPHA, SUBSET = 4, 0.5, 500
 
 
-def datasets(quick: bool) -> dict[str, ArrayDataset]:
-    """Return the training sets compared: the full training split and the fixed 500-image subset."""
-    train = load_demo_splits(allow_generated=False)["train"]
+def datasets(train: ArrayDataset, quick: bool) -> dict[str, ArrayDataset]:
+    """Return the training sets compared: the full training split ``train`` and the fixed 500-image subset."""
     subset = train.subset(np.sort(np.random.default_rng(0).permutation(len(train))[:SUBSET]))
     if quick:
         return {"pneumoniamnist_500": subset.subset(np.arange(200))}
@@ -67,12 +66,13 @@ def _tune_data(dataset: str, seed: int) -> tuple[ModelSpec, ArrayDataset, list[n
                                                   list[str] | None, Augment | None]:
     """Model, training set, site parts, validation split, site names and augmentation of one tuning dataset."""
     if dataset == "isic":
-        splits = isic.load_splits(find_profile(MELANOMA_PROFILE).input.height)
+        size = find_profile(MELANOMA_PROFILE).input.height
+        splits = isic.load_splits(size)
         sites = isic.device_sites(splits["train"], min_size=40)
-        return (spec_at(find_profile(MELANOMA_PROFILE).input.height), splits["train"], list(sites.parts),
-                splits["val"], list(sites.names), build_augment(DERMOSCOPY))
+        return (spec_at(size), splits["train"], list(sites.parts), splits["val"], list(sites.names),
+                build_augment(DERMOSCOPY))
     splits = load_demo_splits(allow_generated=False)
-    train = datasets(False)[dataset]
+    train = datasets(splits["train"], False)[dataset]
     return (model_spec_for(find_profile(PROFILE)), train, dirichlet_label_skew(train.labels, SITES, ALPHA, seed=seed),
             splits["val"], None, None)
 
@@ -111,7 +111,7 @@ def tune_server_momentum(momenta: list[float], tune_sets: list[str], seeds: list
     print_table(rows, ["dataset", "seed", "arm", "server_momentum", "val_auc_best", "selected_round", "mean_val_auc",
                        "mean_fed_minus_centralized_val_auc_points", "chosen"])
     write_rows("defaults_tuning", rows, quick=False, meta={
-        "commit": commit(), "load_avg": os.getloadavg(), "quick": False, "split": "validation only",
+        "split": "validation only",
         "datasets": tune_sets, "seeds": seeds, "momenta": momenta, "rounds": recipe.ROUNDS,
         "steps_per_round": recipe.STEPS_PER_ROUND, "chosen_server_momentum": best,
         "wall_seconds": round(time.perf_counter() - t0, 1)})
@@ -143,7 +143,7 @@ def main() -> None:
     training = recipe.default_training(rounds, steps)
     budget = Budget(rounds, steps)
     settings = ArmSettings(budget, training)
-    sets = datasets(args.quick)
+    sets = datasets(splits["train"], args.quick)
     jobs: dict[tuple[str, int, str], Future[Outcome]] = {}
     site_sizes: dict[str, list[list[int]]] = {}
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
@@ -189,7 +189,7 @@ def main() -> None:
                     ["seed", "arm", "auc", "balanced_accuracy", "auc_last_round", "selected_round", "seconds"])
         print({k: v for k, v in verdict.items() if k not in ("seed", "arm", "dataset")})
     path = write_rows("defaults", all_rows, quick=args.quick, meta={
-        "commit": commit(), "load_avg": os.getloadavg(), "quick": args.quick, "profile": PROFILE,
+        "profile": PROFILE,
         "model": f"{spec.architecture} {spec.kwargs}", "training": training.model_dump(), "augmentation": None,
         "sites": SITES, "alpha": ALPHA, "site_sizes_per_seed": site_sizes, "seeds": seeds,
         "val": len(val), "test": len(test), "selection": "best validation AUC over rounds (per arm)",

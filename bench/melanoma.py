@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import _commit, parser, print_table, write_rows
+from _common import parser, print_table, write_rows
 
 from coordinator.rounds import ModelSpec
 from fedscan.baselines import (
@@ -53,11 +53,6 @@ from learning.models import build_model
 
 PROFILE = "dermoscope-melanoma"
 METRICS = ("auc", "balanced_accuracy", "sensitivity_at_90_specificity", "accuracy")
-
-
-def commit() -> str:
-    """Return the repository's commit (``+dirty`` when tracked files other than results differ)."""
-    return _commit()
 
 
 def spec_at(size: int) -> ModelSpec:
@@ -118,7 +113,7 @@ def measure_input_size(sizes: list[int], budget: Budget, quick: bool) -> None:
         print(rows[-1], flush=True)
     print_table(rows, ["input_size", "val_auc", "selected_round", "train_ms_per_step", "p50_ms", "p99_ms"])
     write_rows("melanoma_input_size", rows, quick=quick, meta={
-        "commit": commit(), "load_avg": os.getloadavg(), "quick": quick, "rounds": budget.rounds,
+        "rounds": budget.rounds,
         "steps_per_round": budget.steps_per_round, "split": "validation (selection split), seed 0, centralized arm",
         "latency": "torch eager, batch 1, 1 thread, model forward only; timings noisy (shared 2-core machine)"})
 
@@ -162,7 +157,7 @@ def tune(size: int, variants: list[str], arms: list[str], workers: int, quick: b
     print_table(rows, ["variant", "arm", "val_auc_best", "val_auc_last", "val_auc_mean_last_5", "selected_round",
                        "seconds"])
     write_rows("melanoma_tuning", rows, quick=quick, meta={
-        "commit": commit(), "load_avg": os.getloadavg(), "quick": quick, "split": "validation only, seed 0",
+        "split": "validation only, seed 0",
         "variants": {k: {"rounds": r, "steps": s, **u} for k, (r, s, u) in TUNE_VARIANTS.items()}})
 
 
@@ -236,7 +231,7 @@ def main() -> None:
     if not verdict["centralized_beats_logistic_regression"]:
         print("FAILED: the centralized network does not beat logistic regression on the same inputs")
     path = write_rows("melanoma", rows + summary + [verdict], quick=args.quick, meta={
-        "commit": commit(), "load_avg": os.getloadavg(), "quick": args.quick, "input_size": size,
+        "input_size": size,
         "profile": PROFILE, "model": f"{spec.architecture} {spec.kwargs}", "pretrained": False,
         "split": {k: {"n": len(v), "class_counts": v.class_counts().tolist()} for k, v in splits.items()},
         "test_split": "learning/splits/isic_uda1_test.txt (fixed, never used for selection)",
