@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.keys import ensure_signing_key, trust_path
-from coordinator.store import Store, open_store
+from coordinator.store import RoundRecord, Store, open_store
 from fedscan.broker import stop_processes
 
 
@@ -120,23 +120,24 @@ class Federation:
         return "\n".join(parts)
 
 
-def round_opened(fed: Federation, round_id: int) -> bool:
-    """Whether the coordinator has recorded ``round_id`` (it records a round as it opens it)."""
+def _stored_round(fed: Federation, round_id: int) -> RoundRecord | None:
+    """The coordinator's record of ``round_id``, or None (read through a short-lived store connection)."""
     store = open_store(f"sqlite:///{fed.state / 'state.db'}")
     try:
-        return store.get_round(round_id) is not None
+        return store.get_round(round_id)
     finally:
         store.close()
+
+
+def round_opened(fed: Federation, round_id: int) -> bool:
+    """Whether the coordinator has recorded ``round_id`` (it records a round as it opens it)."""
+    return _stored_round(fed, round_id) is not None
 
 
 def round_complete(fed: Federation, round_id: int) -> bool:
     """Whether round ``round_id`` is complete in the coordinator's store."""
-    store = open_store(f"sqlite:///{fed.state / 'state.db'}")
-    try:
-        r = store.get_round(round_id)
-        return r is not None and r.status == "complete"
-    finally:
-        store.close()
+    r = _stored_round(fed, round_id)
+    return r is not None and r.status == "complete"
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, fed: Federation | None = None,
