@@ -210,14 +210,16 @@ def test_the_coordinator_keeps_presence_and_resends_the_task_to_a_box_that_comes
                         transport=transport, topics=TOPICS, strategy=build_strategy("fedavg"),
                         settings=RoundSettings(rounds=1, min_clients=1, deadline_s=30, reannounce_s=60),
                         model_spec=spec, initial_tensors=lambda: get_tensors(build_model("small_cnn", **spec.kwargs)))
-    coord.start()
-    stop = threading.Event()
-    th = threading.Thread(target=coord.run, args=(stop,), daemon=True)
-    th.start()
+    # the box listens before the coordinator starts: the first announcement is not retained, and one
+    # published before the box subscribed was missed (the test then waited for it in vain)
     box = MemoryTransport(broker, "a1")
     tasks: list[bytes] = []
     box.subscribe(TOPICS.tasks("a1"), lambda _t, p: tasks.append(p))
     box.connect()
+    coord.start()
+    stop = threading.Event()
+    th = threading.Thread(target=coord.run, args=(stop,), daemon=True)
+    th.start()
     try:
         deadline = time.monotonic() + 10
         while not tasks and time.monotonic() < deadline:  # the first announcement
