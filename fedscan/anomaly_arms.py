@@ -30,7 +30,7 @@ import torch
 
 from coordinator.strategies import ClientResult, build_strategy
 from learning.anomaly.data import AnomalySplits, EvalSet, Site
-from learning.anomaly.metrics import best_dice, dice_at, image_auroc, pixel_auprc
+from learning.anomaly.metrics import best_dice, dice_at, image_auroc, pixel_auprc, position_matched_auroc
 from learning.anomaly.model import AEConfig, DisentangledAE, ShareRule, build_ae, get_named, set_named, shared_names
 from learning.anomaly.scoring import (
     ScoreConfig,
@@ -77,9 +77,9 @@ def zero_recon(images: np.ndarray) -> np.ndarray:
 def evaluate_site(recon: Reconstruct, site: Site, evals: EvalSet, score: ScoreConfig) -> dict[str, float]:
     """Score one site's model on the test set seen through the site's intensity response.
 
-    Image AUROC, the site threshold's sensitivity / specificity and, with masks, pixel AUPRC,
-    best Dice (an upper bound: threshold picked on the test masks) and Dice at the site's pixel
-    threshold.
+    Image AUROC (and, for slices with positions, the position-matched AUROC), the site threshold's
+    sensitivity / specificity and, with masks, pixel AUPRC, best Dice (an upper bound: threshold
+    picked on the test masks) and Dice at the site's pixel threshold.
     """
     cal_maps = anomaly_maps(site.calib, recon(site.calib), score)
     thr = thresholds_from(image_scores(cal_maps, site.calib, score), cal_maps, site.calib, score)
@@ -91,6 +91,8 @@ def evaluate_site(recon: Reconstruct, site: Site, evals: EvalSet, score: ScoreCo
     out = {"image_auroc": image_auroc(ev.labels, scores),
            "sensitivity_at_site_threshold": float(flagged[y].mean()),
            "specificity_at_site_threshold": float((~flagged[~y]).mean())}
+    if ev.position is not None:
+        out["image_auroc_position_matched"] = position_matched_auroc(ev.labels, scores, ev.position)
     if ev.masks is not None:
         fg = foreground_masks(ev.images, score)
         out["pixel_auprc"] = pixel_auprc(maps, ev.masks, fg)

@@ -54,6 +54,17 @@ class SliceSet:
         """Per slice: does its mask mark any lesion pixel (the anomaly label)."""
         return np.asarray(self.masks.reshape(len(self.masks), -1).any(axis=1))
 
+    @property
+    def relative_position(self) -> np.ndarray:
+        """Per slice: its axial place among its subject's slices here, 0 (first) to 1 (last); 0.5 if it is alone."""
+        out = np.full(len(self), 0.5)
+        for subject in np.unique(self.subjects):
+            idx = np.flatnonzero(self.subjects == subject)
+            if len(idx) > 1:
+                ranks = np.argsort(np.argsort(self.slice_index[idx]))
+                out[idx] = ranks / (len(idx) - 1)
+        return out
+
 
 def list_subjects(root: Path) -> list[str]:
     """Subject ids with both a FLAIR volume and a lesion mask, in natural order (Subj1, Subj2, … Subj23)."""

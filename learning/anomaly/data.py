@@ -70,15 +70,20 @@ class Site:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Images ``(N, H, W)``, image labels (1 = anomalous), lesion masks (None: no pixel truth)."""
+    """Images ``(N, H, W)``, image labels (1 = anomalous), lesion masks (None: no pixel truth).
+
+    ``position``: for brain slices, each slice's relative axial place in its subject (0 to 1,
+    ``SliceSet.relative_position``), for the position-matched AUROC (None: not slices).
+    """
 
     images: np.ndarray
     labels: np.ndarray
     masks: np.ndarray | None = None
+    position: np.ndarray | None = None
 
     def seen_by(self, gamma: float) -> EvalSet:
         """The same set through a site's intensity response."""
-        return EvalSet(apply_appearance(self.images, gamma), self.labels, self.masks)
+        return EvalSet(apply_appearance(self.images, gamma), self.labels, self.masks, self.position)
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def brain_splits(root: Path, *, sites: int = 3, val: int = 3, test: int = 5, see
 
     def eval_set(ids: list[str]) -> EvalSet:
         s = slices.of_subjects(ids)
-        return EvalSet(s.images, s.has_lesion.astype(np.int64), s.masks)
+        return EvalSet(s.images, s.has_lesion.astype(np.int64), s.masks, s.relative_position)
 
     return AnomalySplits("brain-flair", out, eval_set(val_ids), eval_set(test_ids),
                          f"lesion-free FLAIR slices only for training; slices with lesions are the anomaly; {MASKS_NOTE}")
