@@ -77,19 +77,43 @@ def _tune_data(dataset: str, seed: int) -> tuple[ModelSpec, ArrayDataset, list[n
             splits["val"], None, None)
 
 
-def _tune_one(dataset: str, seed: int, momentum: float | None) -> dict[str, Any]:
-    """Validation AUC of the federated arm at server ``momentum`` (None: the centralized reference)."""
+def _tune_one(dataset: str, seed: int, momentum: float | None, rounds: int = recipe.ROUNDS,
+              federated: bool | None = None) -> dict[str, Any]:
+    """Validation AUC of one arm over ``rounds`` rounds: federated at server ``momentum`` (None: the recipe's),
+    or the centralized reference (``federated=False``; by default, ``momentum`` None means centralized)."""
     torch.set_num_threads(1)
+    federated = momentum is not None if federated is None else federated
     spec, train, parts, val, names, augment = _tune_data(dataset, seed)
-    budget = Budget(recipe.ROUNDS, recipe.STEPS_PER_ROUND)
-    settings = ArmSettings(budget, recipe.default_training(recipe.ROUNDS, recipe.STEPS_PER_ROUND), augment,
+    budget = Budget(rounds, recipe.STEPS_PER_ROUND)
+    settings = ArmSettings(budget, recipe.default_training(rounds, recipe.STEPS_PER_ROUND), augment,
                            strategy_args=None if momentum is None else {"momentum": momentum})
-    out = (centralized_arm(spec, train, parts, val, val, settings, seed=seed) if momentum is None else
-           federated_arm(spec, train, parts, val, val, settings, seed=seed, site_names=names))
+    out = (federated_arm(spec, train, parts, val, val, settings, seed=seed, site_names=names) if federated else
+           centralized_arm(spec, train, parts, val, val, settings, seed=seed))
     curve = [v for v in out.val_curve if v == v]
-    return {"dataset": dataset, "seed": seed, "arm": "centralized" if momentum is None else "federated",
-            "server_momentum": momentum, "val_auc_best": max(curve), "val_auc_last": curve[-1],
+    return {"dataset": dataset, "seed": seed, "arm": "federated" if federated else "centralized", "rounds": rounds,
+            "server_momentum": momentum if federated else None, "val_auc_best": max(curve), "val_auc_last": curve[-1],
             "selected_round": out.selected_round, "seconds": round(out.seconds, 1)}
+
+
+def tune_rounds(candidates: list[int], tune_sets: list[str], seeds: list[int], workers: int) -> None:
+    """Validation AUC (never test) of the recipe at each number of rounds (10 steps each), federated and
+    centralized, on every dataset and seed; the budget is chosen by the federated arm's mean and its gap to
+    the centralized arm at the same budget. Rows in ``bench/results/defaults_budget_tuning.json``."""
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        futs = [ex.submit(_tune_one, d, s, None, r, fed) for d in tune_sets for s in seeds for r in candidates
+                for fed in (True, False)]
+        rows = [f.result() for f in futs]
+    for r in candidates:
+        fed = {(x["dataset"], x["seed"]): x["val_auc_best"] for x in rows if x["rounds"] == r and x["arm"] == "federated"}
+        cen = {(x["dataset"], x["seed"]): x["val_auc_best"] for x in rows if x["rounds"] == r and x["arm"] == "centralized"}
+        rows.append({"arm": "summary", "rounds": r, "mean_val_auc_federated": float(np.mean(list(fed.values()))),
+                     "mean_fed_minus_centralized_val_auc_points": 100 * float(np.mean([fed[k] - cen[k] for k in fed]))})
+    print_table(rows, ["dataset", "seed", "arm", "rounds", "val_auc_best", "selected_round", "mean_val_auc_federated",
+                       "mean_fed_minus_centralized_val_auc_points"])
+    write_rows("defaults_budget_tuning", rows, quick=False, meta={
+        "split": "validation only", "datasets": tune_sets, "seeds": seeds, "rounds": candidates,
+        "steps_per_round": recipe.STEPS_PER_ROUND, "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 
 def tune_server_momentum(momenta: list[float], tune_sets: list[str], seeds: list[int], workers: int) -> None:
@@ -124,6 +148,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--tune-server-momentum", default=None, help="comma-separated FedAvgM momenta to compare on "
                    "validation, e.g. 0.5,0.6,0.7,0.8,0.9 (with --tune-datasets, --tune-seeds)")
+    p.add_argument("--tune-rounds", default=None, help="comma-separated budgets in rounds (10 steps each) to compare "
+                   "on validation, e.g. 40,60 (with --tune-datasets, --tune-seeds)")
     p.add_argument("--tune-datasets", default="isic,pneumoniamnist_full")
     p.add_argument("--tune-seeds", default="0,1")
     args = p.parse_args()
@@ -131,6 +157,10 @@ def main() -> None:
         tune_server_momentum([float(m) for m in args.tune_server_momentum.split(",")],
                              args.tune_datasets.split(","), [int(s) for s in args.tune_seeds.split(",")],
                              args.workers)
+        return
+    if args.tune_rounds:
+        tune_rounds([int(r) for r in args.tune_rounds.split(",")], args.tune_datasets.split(","),
+                    [int(s) for s in args.tune_seeds.split(",")], args.workers)
         return
     rounds, steps = (2, 2) if args.quick else (recipe.ROUNDS, recipe.STEPS_PER_ROUND)
     seeds = 1 if args.quick else args.seeds
