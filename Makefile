@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedscan-installed
 DEMO_ARGS ?=
 BENCH_ARGS ?=
-BENCHES := federated rounds compression inference serve telemetry privacy robustness melanoma defaults segment segment_clip_robustness fuzz load async oneshot anomaly downlink
+BENCHES := federated rounds compression inference serve telemetry privacy robustness melanoma defaults defaults_subset segment segment_clip_robustness fuzz load async oneshot anomaly downlink
 
 .PHONY: install system-deps demo test lint bench bench-quick clean
 
