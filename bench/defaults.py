@@ -77,12 +77,11 @@ def _tune_data(dataset: str, seed: int) -> tuple[ModelSpec, ArrayDataset, list[n
             splits["val"], None, None)
 
 
-def _tune_one(dataset: str, seed: int, momentum: float | None, rounds: int = recipe.ROUNDS,
-              federated: bool | None = None) -> dict[str, Any]:
+def _tune_one(dataset: str, seed: int, federated: bool, momentum: float | None = None,
+              rounds: int = recipe.ROUNDS) -> dict[str, Any]:
     """Validation AUC of one arm over ``rounds`` rounds: federated at server ``momentum`` (None: the recipe's),
-    or the centralized reference (``federated=False``; by default, ``momentum`` None means centralized)."""
+    or the centralized reference (``federated=False``)."""
     torch.set_num_threads(1)
-    federated = momentum is not None if federated is None else federated
     spec, train, parts, val, names, augment = _tune_data(dataset, seed)
     budget = Budget(rounds, recipe.STEPS_PER_ROUND)
     settings = ArmSettings(budget, recipe.default_training(rounds, recipe.STEPS_PER_ROUND), augment,
@@ -101,7 +100,7 @@ def tune_rounds(candidates: list[int], tune_sets: list[str], seeds: list[int], w
     the centralized arm at the same budget. Rows in ``bench/results/defaults_budget_tuning.json``."""
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(_tune_one, d, s, None, r, fed) for d in tune_sets for s in seeds for r in candidates
+        futs = [ex.submit(_tune_one, d, s, fed, None, r) for d in tune_sets for s in seeds for r in candidates
                 for fed in (True, False)]
         rows = [f.result() for f in futs]
     for r in candidates:
@@ -122,7 +121,8 @@ def tune_server_momentum(momenta: list[float], tune_sets: list[str], seeds: list
     Rows in ``bench/results/defaults_tuning.json``."""
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(_tune_one, d, s, m) for d in tune_sets for s in seeds for m in [*momenta, None]]
+        futs = [ex.submit(_tune_one, d, s, m is not None, m) for d in tune_sets for s in seeds
+                for m in [*momenta, None]]
         rows = [f.result() for f in futs]
     fed = [r for r in rows if r["arm"] == "federated"]
     cen = {(r["dataset"], r["seed"]): r["val_auc_best"] for r in rows if r["arm"] == "centralized"}
