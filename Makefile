@@ -52,9 +52,7 @@ test: install system-deps lint
 	$(PY) -m pytest -q -rsR -n 2 tests
 
 bench-quick: install
-	@for b in $(BENCHES); do \
-	  if [ -f bench/$$b.py ]; then echo "== bench/$$b.py --quick"; $(PY) bench/$$b.py --quick || exit 1; fi; \
-	done
+	@sh tools/bench_quick.sh $(PY) $(BENCHES)
 
 bench: install
 	@for b in $(BENCHES); do \

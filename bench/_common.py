@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,35 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny run for CI: checks the bench still works")
     return p
+
+
+class InlineExecutor(Executor):
+    """Run each submitted call at once in this process: what ``--quick`` uses instead of workers.
+
+    A spawned worker imports torch and fedscan again (about 5 s of CPU on this machine), more than
+    a quick run's whole work; ``make test`` runs every bench's ``--quick``.
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:  # type: ignore[override]
+        """Call ``fn`` now; its result (or exception) is in the returned, already done future."""
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # handed to the caller through the future, as a pool does
+            fut.set_exception(exc)
+        return fut
+
+
+def pool(workers: int) -> Executor:
+    """``workers`` spawned worker processes, or this process itself when ``workers`` is 1 or less."""
+    if workers <= 1:
+        return InlineExecutor()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+
+
+def default_workers(quick: bool) -> int:
+    """One worker per core for a real run; none (this process) for ``--quick``."""
+    return 1 if quick else (os.cpu_count() or 2)
 
 
 _IMPORTED = time.time()

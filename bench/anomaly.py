@@ -137,12 +137,18 @@ def load(dataset: str, shift: str, quick: bool) -> AnomalySplits:
                         subjects=subjects)
 
 
-def run_job(job: Job, quick: bool, split: str = "test") -> tuple[Job, ArmResult]:
+def settings_for(dataset: str, quick: bool, rounds: int = 0) -> DataSettings:
+    """The dataset's settings (``rounds`` > 0 overrides its rounds: for choosing the budget on ``--split val``)."""
+    s = (QUICK if quick else SETTINGS)[dataset]
+    return replace(s, rounds=rounds) if rounds else s
+
+
+def run_job(job: Job, quick: bool, split: str = "test", rounds: int = 0) -> tuple[Job, ArmResult]:
     """Run one job in this (worker) process, one thread."""
     import torch
 
     torch.set_num_threads(1)
-    s = (QUICK if quick else SETTINGS)[job.dataset]
+    s = settings_for(job.dataset, quick, rounds)
     sp = load(job.dataset, job.shift, quick)
     ev = sp.test if split == "test" else sp.val
     kw: dict[str, Any] = {"rounds": s.rounds, "seed": job.seed, "evals": ev}
@@ -250,16 +256,19 @@ def main() -> None:
     p.add_argument("--shifts", default="gamma", help="gamma (simulated scanners), none, or both: gamma,none")
     p.add_argument("--split", choices=("test", "val"), default="test", help="val: for choosing settings")
     p.add_argument("--name", default="anomaly", help="results file stem (other runs than the default one)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="override every dataset's rounds (0: SETTINGS); with --split val and --name, to choose the budget")
     a = p.parse_args()
     seeds = 1 if a.quick else a.seeds
     datasets, shifts = a.datasets.split(","), a.shifts.split(",")
     jobs = plan(datasets, shifts, seeds, 3)
     t0 = time.perf_counter()
-    if a.workers > 1:
+    if a.workers > 1 and not a.quick:  # --quick: this process (no worker start-up)
         with ProcessPoolExecutor(a.workers) as ex:
-            results = list(ex.map(run_job, jobs, [a.quick] * len(jobs), [a.split] * len(jobs)))
+            results = list(ex.map(run_job, jobs, [a.quick] * len(jobs), [a.split] * len(jobs),
+                                  [a.rounds] * len(jobs)))
     else:
-        results = [run_job(j, a.quick, a.split) for j in jobs]
+        results = [run_job(j, a.quick, a.split, a.rounds) for j in jobs]
     rows = aggregate(results) + floor_rows(datasets, a.quick)
     cols = ["dataset", "shift", "arm", "image_auroc", "image_auroc_std", "image_auroc_position_matched",
             "pixel_auprc", "best_dice",
@@ -268,7 +277,7 @@ def main() -> None:
     v = verdicts(rows)
     for k, ok in v.items():
         print(("yes " if ok else "NO  ") + k)
-    settings = {d: asdict((QUICK if a.quick else SETTINGS)[d]) for d in datasets}
+    settings = {d: asdict(settings_for(d, a.quick, a.rounds)) for d in datasets}
     meta = {"split": a.split, "seeds": seeds, "masks_note": MASKS_NOTE, "shifts": {s: list(SHIFTS[s]) for s in shifts},
             "settings": settings, "feddis_beats": v, "bench_seconds": round(time.perf_counter() - t0, 1),
             "per_job_seconds": {f"{j.dataset}/{j.shift}/{r.name}/seed{j.seed}": round(r.seconds, 1)

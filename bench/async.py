@@ -36,7 +36,6 @@ import dataclasses
 import heapq
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 
 from coordinator.aggregate import staleness_discounted
 from coordinator.rounds import ModelSpec, round_training
@@ -279,7 +278,7 @@ def main() -> None:
     max_staleness, deadline, width = 10, 8.0, 8
     common: dict[str, Any] = {"boxes": boxes, "budget_rounds": budget_rounds, "max_staleness": max_staleness,
               "deadline": deadline, "width": width}
-    with ProcessPoolExecutor(max_workers=args.workers) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         central = [ex.submit(job, "centralized", s, split="test", k=0, **common) for s in seeds]
         tune = {k: ex.submit(job, "async", 0, split="val", k=k, **common) for k in ks}
         alone = [ex.submit(job, "alone", s, split="test", k=0, **common) for s in seeds]

@@ -21,18 +21,15 @@ The last row is the verdict: the largest ratio whose mean accuracy is within
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import default_workers, parser, pool, print_table, write_rows
 
 from fedscan import experiments
 from fedscan.compose import model_spec_for
@@ -70,7 +67,7 @@ def main() -> None:
         train = train.subset(np.random.default_rng(0).permutation(len(train))[:600])
     training = TrainingConfig(local_epochs=1, batch_size=32, lr=0.003, momentum=0.9, loss="balanced_ce")
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2, mp_context=mp.get_context("spawn")) as ex:
+    with pool(default_workers(args.quick)) as ex:
         jobs = {}
         for seed in range(args.seeds):
             parts = dirichlet_label_skew(train.labels, 4, 0.5, seed=seed)

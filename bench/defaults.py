@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 from melanoma import PROFILE as MELANOMA_PROFILE
 from melanoma import row, spec_at, summarize
 
@@ -183,7 +183,7 @@ def main(sets_wanted: tuple[str, ...] = ("pneumoniamnist_full",), results_name: 
     sets = every if args.quick else {k: every[k] for k in args.sets.split(",")}
     jobs: dict[tuple[str, int, str], Future[Outcome]] = {}
     site_sizes: dict[str, list[list[int]]] = {}
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         for name, train in sets.items():
             site_sizes[name] = []
             for seed in range(seeds):

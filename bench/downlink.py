@@ -25,14 +25,11 @@ and the majority-class floor.
 from __future__ import annotations
 
 import itertools
-import multiprocessing as mp
-import os
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import default_workers, parser, pool, print_table, write_rows
 
 from coordinator.model_repo import ModelRepository
 from coordinator.rounds import Coordinator, RoundSettings
@@ -202,11 +199,11 @@ def wire_rows(runs: dict[tuple[str, bool], dict[str, Any]], float32: int, agents
 
 
 def accuracy_rows(splits: dict[str, ArrayDataset], arms: list[str], rounds: int, seeds: int, agents: int,
-                  baselines: bool = True) -> list[dict[str, Any]]:
+                  baselines: bool = True, workers: int = 2) -> list[dict[str, Any]]:
     spec = model_spec_for(find_profile("xray-cxr-28"))
     train, val, test = splits["train"], splits["val"], splits["test"]
     jobs: dict[tuple[str, int], Any] = {}
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2, mp_context=mp.get_context("spawn")) as ex:
+    with pool(workers) as ex:
         for seed in range(seeds):
             parts = dirichlet_label_skew(train.labels, agents, 0.5, seed=seed)
             for arm in arms:
@@ -269,7 +266,7 @@ def main() -> None:
     chosen = steps[0]
     if args.part in ("accuracy", "both"):
         acc = accuracy_rows(splits, [EXACT, *steps], 1 if args.quick else args.rounds, args.seeds, args.agents,
-                            baselines=not args.no_baselines)
+                            baselines=not args.no_baselines, workers=default_workers(args.quick))
         rows += acc
         print_table(acc, ["arm", "accuracy", "accuracy_std", "val_accuracy", "accuracy_points_vs_exact", "auc",
                           "step_bytes"])

@@ -9,18 +9,15 @@ ACC 0.854 / AUC 0.944.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import default_workers, parser, pool, print_table, write_rows
 
 from fedscan import experiments
 from fedscan.compose import model_spec_for
@@ -52,7 +49,7 @@ def main() -> None:
     training = TrainingConfig(local_epochs=1, batch_size=32, lr=args.lr, momentum=0.9, loss=args.loss)
     t0 = time.perf_counter()
     jobs: dict[tuple[int, str], Any] = {}
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2, mp_context=mp.get_context("spawn")) as ex:
+    with pool(default_workers(args.quick)) as ex:
         for seed in range(args.seeds):
             parts = dirichlet_label_skew(train.labels, args.sites, args.alpha, seed=seed)
             kw: dict[str, Any] = {"rounds": args.rounds, "training": training, "seed": seed, "threads": 1}

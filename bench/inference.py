@@ -70,8 +70,8 @@ class Config:
 
 def make_config(quick: bool, threads: int) -> Config:
     if quick:
-        return Config(True, threads, small_steps=50, resnet_steps=4, resnet_pre_steps=10, resnet_test=16, calib=8, iters_b1=10,
-                      iters_b8=5)
+        return Config(True, threads, small_steps=50, resnet_steps=1, resnet_pre_steps=2, resnet_test=16, calib=8, iters_b1=5,
+                      iters_b8=2)
     return Config(False, threads, small_steps=600, resnet_steps=40, resnet_pre_steps=160, resnet_test=0, calib=128, iters_b1=100,
                   iters_b8=30)
 

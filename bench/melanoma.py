@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 
 from coordinator.rounds import ModelSpec
 from fedscan.baselines import (
@@ -196,7 +196,7 @@ def main() -> None:
     training = recipe.default_training(args.rounds, args.steps)
     settings = ArmSettings(budget, training, build_augment(DERMOSCOPY))
     jobs: dict[tuple[int, str], Future[Outcome]] = {}
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         for seed in range(args.seeds):
             jobs[(seed, "federated")] = ex.submit(federated_arm, spec, train, sites.parts, val, test, settings,
                                                   site_names=sites.names, seed=seed)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 
 from coordinator.rounds import ModelSpec
 from coordinator.strategies import ClientResult, build_strategy
@@ -321,7 +321,7 @@ def main() -> None:
             "wall_seconds": round(time.perf_counter() - t0, 1)})
         return
     jobs: dict[tuple[str, int], Future[list[dict[str, Any]]]] = {}
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         for dataset in datasets:
             for seed in range(args.seeds):
                 jobs[(dataset, seed)] = ex.submit(run_seed, dataset, seed, args.steps, args.width, args.quick, cfg)

@@ -99,11 +99,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 
 from coordinator.rounds import ModelSpec, round_training
 from coordinator.strategies import ClientResult
@@ -423,7 +422,7 @@ def main() -> None:
     evals = {"val": val} if args.tune else {"val": val, "test": test}
     t0 = time.perf_counter()
     jobs: list[Future[dict[str, Any]]] = []
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         def central(eps: float, clients: list[np.ndarray], rounds: int, rate: float, lr: float) -> None:
             jobs.append(ex.submit(central_dp_arm, spec, train, clients, evals, epsilon=eps, rounds=rounds,
                                   training=central_base.model_copy(update={"lr": lr}), sample_rate=rate,

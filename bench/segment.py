@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 
 from fedscan.segment_arms import RunResult, run_centralized, run_federated, run_single
 from learning.data_path import data_dir
@@ -352,7 +352,7 @@ def main() -> None:
     jobs = plan_jobs(seeds, dp_seeds, [x.name for x in splits.sites])
     print(f"{len(jobs)} jobs on {args.workers} workers; {MASKS_NOTE} (brain FLAIR)", flush=True)
     results: list[tuple[Job, RunResult]] = []
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         futures = [ex.submit(run_job, j, s) for j in jobs]
         for f in futures:
             job, res = f.result()

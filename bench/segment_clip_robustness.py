@@ -16,11 +16,9 @@ runs, says nothing about accuracy.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, write_rows
+from _common import parser, pool, print_table, write_rows
 from segment import QUICK, SETTINGS, Job, Settings, load, run_job
 
 from learning.segmentation.data import MASKS_NOTE, MRI, PH2
@@ -79,7 +77,7 @@ def main() -> None:
     base = QUICK if args.quick else SETTINGS
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+    with pool(1 if args.quick else args.workers) as ex:
         futures = [(s, ex.submit(run_job, j, s, "test")) for s, j in jobs_for(BOUNDS, base)]
         for s, f in futures:
             job, res = f.result()

@@ -9,6 +9,10 @@
   request for another job's route with ``job_mismatch`` (409).
 
 ``classify`` is the default job (``fedscan.classify_job``).
+
+The segmentation job's modules are imported when a process first uses that job, not with this
+module: they pull MONAI and opacus (2-4 s of CPU to import), and every coordinator and agent
+process imports this module, most of them for another job.
 """
 
 from __future__ import annotations
@@ -19,16 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.jobs import JobRegistry
+from coordinator.jobs import JobContext, JobPlan, JobRegistry
 from edge_agent.anomaly_training import AnomalyTrainer
-from edge_agent.jobs import TrainerRegistry
-from edge_agent.segment_training import SegmentTrainer
+from edge_agent.jobs import JobTrainer, TrainerRegistry
 from edge_agent.serving.anomaly import AnomalyServer, note_for_modality
 from edge_agent.serving.segment import SegmentServer, modality_of_profile
 from fedscan.anomaly_job import anomaly_plan
 from fedscan.classify_job import classify_plan, load_agent_data
 from fedscan.oneshot_job import oneshot_plan
-from fedscan.segment_job import segment_plan
 from firmware.profile import FirmwareProfile
 from learning.anomaly.data import Site, load_box_site
 from learning.segmentation.data import load_site
@@ -45,6 +47,8 @@ def segment_server_for(profile: FirmwareProfile, agent_state_dir: Path) -> Segme
     """
     if profile.job != Job.SEGMENT:
         return None
+    from edge_agent.segment_training import SegmentTrainer
+
     local = SegmentTrainer(profile, agent_state_dir / f"job-{Job.SEGMENT}")
     return SegmentServer(local.serving_model, modality=modality_of_profile(profile.modality))
 
@@ -69,16 +73,28 @@ def anomaly_server_for(profile: FirmwareProfile, agent_state_dir: Path,
     return AnomalyServer(local, note=note_for_modality(profile.modality), calibration=calibration)
 
 
+def _segment_plan(ctx: JobContext) -> JobPlan:
+    from fedscan.segment_job import segment_plan
+
+    return segment_plan(ctx)
+
+
+def _segment_trainer(profile: FirmwareProfile, folder: Path) -> JobTrainer:
+    from edge_agent.segment_training import SegmentTrainer
+
+    return SegmentTrainer(profile, folder)
+
+
 def coordinator_jobs() -> JobRegistry:
     """Every job this build of fedscan can coordinate."""
-    return JobRegistry({Job.CLASSIFY: classify_plan, Job.SEGMENT: segment_plan, Job.ONESHOT: oneshot_plan,
+    return JobRegistry({Job.CLASSIFY: classify_plan, Job.SEGMENT: _segment_plan, Job.ONESHOT: oneshot_plan,
                         Job.ANOMALY: anomaly_plan})
 
 
 def agent_trainers() -> TrainerRegistry:
     """Every job besides ``classify`` (built into the agent's training job) a box can train."""
     # one-shot: the box's step is one round of the classify trainer (fedscan.oneshot_job)
-    return TrainerRegistry({Job.SEGMENT: SegmentTrainer, Job.ANOMALY: AnomalyTrainer}, classify_trained=(Job.ONESHOT,))
+    return TrainerRegistry({Job.SEGMENT: _segment_trainer, Job.ANOMALY: AnomalyTrainer}, classify_trained=(Job.ONESHOT,))
 
 
 def load_job_data(profile: FirmwareProfile, data: Path | None, indices: Path | None, *, site: str = "site",

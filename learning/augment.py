@@ -12,22 +12,24 @@ a time through a MONAI ``Compose``, and is deterministic: the same batch and see
 pixels (the trainer passes a seed derived from its own seed and the step number, so a run
 resumed from a checkpoint augments exactly as an uninterrupted one). MONAI's metadata tracking
 is switched off while it runs (plain tensors, about 3x faster) and restored afterwards.
+
+MONAI is imported when a pipeline is first built, not with this module: importing it costs 2-3 s
+of CPU (it pulls scipy and matplotlib), and every agent and coordinator process imports this
+module through the trainer although most profiles (chest X-rays) augment nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.data.meta_obj import get_track_meta, set_track_meta
-from monai.transforms.compose import Compose
-from monai.transforms.croppad.array import RandSpatialCrop
-from monai.transforms.intensity.array import RandAdjustContrast, RandScaleIntensity, RandShiftIntensity
-from monai.transforms.spatial.array import RandFlip, RandRotate90, Resize
 
 from firmware.profile import AugmentSpec
+
+if TYPE_CHECKING:
+    from monai.transforms.compose import Compose
 
 __all__ = ["DERMOSCOPY", "Augment", "AugmentSpec", "BatchAugment", "build_augment"]
 
@@ -41,6 +43,8 @@ DERMOSCOPY = AugmentSpec(flip=True, rotate90=True, crop=0.8, brightness=0.1, con
 
 @contextmanager
 def _plain_tensors() -> Iterator[None]:
+    from monai.data.meta_obj import get_track_meta, set_track_meta
+
     before = get_track_meta()
     set_track_meta(False)
     try:
@@ -50,6 +54,10 @@ def _plain_tensors() -> Iterator[None]:
 
 
 def _transforms(spec: AugmentSpec, size: tuple[int, int]) -> list[Any]:
+    from monai.transforms.croppad.array import RandSpatialCrop
+    from monai.transforms.intensity.array import RandAdjustContrast, RandScaleIntensity, RandShiftIntensity
+    from monai.transforms.spatial.array import RandFlip, RandRotate90, Resize
+
     ts: list[Any] = []
     if spec.crop < 1.0:
         lo = tuple(max(1, round(spec.crop * s)) for s in size)
@@ -77,6 +85,8 @@ class BatchAugment:
         self._by_size: dict[tuple[int, int], Compose] = {}
 
     def _compose(self, size: tuple[int, int]) -> Compose:
+        from monai.transforms.compose import Compose
+
         if size not in self._by_size:
             self._by_size[size] = Compose(_transforms(self.spec, size))
         return self._by_size[size]

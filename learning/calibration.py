@@ -6,7 +6,6 @@ Pure functions.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -41,6 +40,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
     labels = np.asarray(labels, np.int64)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError("fit_temperature needs (N, C) logits and N labels, N > 0")
+    from scipy.optimize import minimize_scalar  # imported on first use (agents never fit a temperature)
+
     res = minimize_scalar(lambda lt: nll(logits, labels, float(np.exp(lt))),
                           bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
     return float(np.exp(res.x))
