@@ -44,10 +44,14 @@ lint: install
 	$(VENV)/bin/mypy protocol firmware learning coordinator edge_agent export fedscan bench
 
 # The quick benchmarks run first and pytest last, so that the run ends with pytest's summary.
-# pytest runs on two workers (pytest-xdist): most of the suite's time is process and broker tests
-# waiting on each other, which is what keeps `make test` under 20 minutes on a 2-core machine.
+# pytest runs on two workers (pytest-xdist), the modules with multi-process tests first
+# (tests/conftest.py), so that no minute-long test ends the run on one worker while the other idles.
 # A failed multi-process test is rerun once and listed as RERUN in the summary (tests/conftest.py).
-test: install system-deps lint
+# The pip install and the Debian packages go side by side (both mostly wait on disk: about 5 minutes
+# one after the other on a fresh machine).
+test:
+	@$(MAKE) --no-print-directory -j2 install system-deps
+	@$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory bench-quick
 	$(PY) -m pytest -q -rsR -n 2 tests
 
