@@ -44,8 +44,8 @@ lint: install
 	$(VENV)/bin/mypy protocol firmware learning coordinator edge_agent export fedscan bench
 
 # The quick benchmarks run first and pytest last, so that the run ends with pytest's summary.
-# pytest runs on two workers (pytest-xdist), the modules with multi-process tests first
-# (tests/conftest.py), so that no minute-long test ends the run on one worker while the other idles.
+# pytest runs on two workers (pytest-xdist). Tried and dropped: the multi-process test modules first
+# (xdist's load scheduler then queued all of them on one worker: 15 min instead of 13.7).
 # A failed multi-process test is rerun once and listed as RERUN in the summary (tests/conftest.py).
 # The pip install and the Debian packages go side by side (both mostly wait on disk: about 5 minutes
 # one after the other on a fresh machine).

@@ -27,15 +27,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the rerun is listed in the summary (``-rR``: "RERUN") and is a bug to chase, not a pass to
     forget. A test that fails twice fails the run.
     """
-    process_modules = set()
     for item in items:
         if item.get_closest_marker("integration") is not None or "broker" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.flaky(reruns=PROCESS_TEST_RERUNS, reruns_delay=1))
-            process_modules.add(item.nodeid.split("::")[0])
-    # Modules with multi-process tests first (each module kept whole, in its own order, so module
-    # fixtures are set up once): the minute-long tests start early on both xdist workers and the
-    # quick unit tests fill the end, instead of one worker finishing a long test alone.
-    items.sort(key=lambda it: it.nodeid.split("::")[0] not in process_modules)
 
 
 @pytest.fixture
