@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import forkserver
 import numpy as np
 
 from coordinator.keys import ensure_signing_key, trust_path
@@ -75,7 +75,7 @@ class Federation:
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(log, "ab") as fh:
-            return subprocess.Popen([sys.executable, "-m", "fedscan", *args], stdout=fh, stderr=subprocess.STDOUT,
+            return subprocess.Popen([*forkserver.command(), *args], stdout=fh, stderr=subprocess.STDOUT,
                                     env=env)
 
     def start_coordinator(self) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import forkserver
 
 
 def spawn_fedscan(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     """Start ``python -m fedscan ARGS`` (one torch thread, unbuffered) with its output appended to ``log``."""
     with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "fedscan", *args], stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*forkserver.command(), *args], stdout=fh, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env))
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import forkserver
 import httpx
 import pytest
 from fedproc import Federation, wait_for
@@ -32,7 +32,7 @@ def test_site_without_data_diagnoses_with_the_global_model(tmp_path: Path, broke
     log = tmp_path / "clinic.log"
     with open(log, "wb") as fh:
         clinic = subprocess.Popen(
-            [sys.executable, "-m", "fedscan", "agent", "--id", "clinic", "--broker", f"127.0.0.1:{broker.port}",
+            [*forkserver.command(), "agent", "--id", "clinic", "--broker", f"127.0.0.1:{broker.port}",
              "--state", str(tmp_path / "clinic"), "--http-port", str(port), "--threads", "1", "--no-resource-gates",
              "--trust", str(fed.trust)],
             stdout=fh, stderr=subprocess.STDOUT, env=env)

@@ -4,10 +4,10 @@ and announces itself; without certificates it is refused and exits with the brok
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
+import forkserver
 import paho.mqtt.client as mqtt
 import pytest
 from tls_broker import tls_mosquitto
@@ -48,7 +48,7 @@ def test_agent_cli_connects_with_mtls_and_is_refused_without(tmp_path: Path) -> 
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.status("box-1"), 1)
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
-        base = [sys.executable, "-m", "fedscan", "agent", "--id", "box-1", "--broker", f"127.0.0.1:{broker.port}",
+        base = [*forkserver.command(), "agent", "--id", "box-1", "--broker", f"127.0.0.1:{broker.port}",
                 "--state", str(tmp_path / "box"), "--no-resource-gates", "--no-telemetry",
                 "--trust", str(trust_path(tmp_path / "coord"))]
         agent = subprocess.Popen([*base, "--tls-ca", str(dev.ca), "--tls-cert", str(dev.cert), "--tls-key",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forkserver
 import pytest
-from fedproc import Federation, round_complete, wait_for
+from fedproc import Federation, round_complete, stratified_parts, wait_for
 from mqtt_broker import Broker
+from simref import bitwise_diff, federation_training, simulate_federation
 
 from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.model_repo import ModelRepository
@@ -61,45 +62,40 @@ def test_coordinator_sigkill_mid_round_resumes_without_loss(tmp_path: Path, brok
                                                             ) -> None:
     """SIGKILL the coordinator in round 2 after some updates were acknowledged; restart it.
     The round completes, no acknowledged update is lost or counted twice, and the version
-    history (versions, parents, participants, and even the weights) equals an uninterrupted run."""
+    history (versions, parents, participants, and even the weights) equals an uninterrupted run:
+    the in-process simulation of the same federation, which tests/test_sim_equals_runtime.py shows
+    computes bitwise what an uninterrupted federation of processes computes."""
     train = load_medmnist(pneumonia_npz, "train")
     sizes = [160, 480, 1400]  # different speeds, so round 2's updates arrive seconds apart
-
-    reference = Federation(tmp_path / "ref", broker.port, pneumonia_npz, sizes=sizes, rounds=2)
-    reference.prepare(train.labels).close()
-    reference.start_all()
+    fed = Federation(tmp_path, broker.port, pneumonia_npz, sizes=sizes, rounds=2)
+    fed.prepare(train.labels).close()
+    fed.start_all()
     try:
-        wait_for(lambda: round_complete(reference, 2), 240, "reference run", reference)
+        store = open_store(f"sqlite:///{fed.state / 'state.db'}")
+        wait_for(lambda: store.get_round(2) is not None and len(store.list_updates(2)) >= 1, 240,
+                 "a first acknowledged update in round 2", fed, poll=0.02)
+        fed.kill_coordinator()
+        before = store.list_updates(2)
+        assert 1 <= len(before) < len(sizes), "the kill must land mid-round"
+        r2 = store.get_round(2)
+        assert r2 is not None and r2.status == "collecting"
+        time.sleep(1.0)  # agents keep working (and resending) while the coordinator is down
+        fed.start_coordinator()
+        wait_for(lambda: round_complete(fed, 2), 240, "round 2 after restart", fed)
+        after = store.list_updates(2)
+        store.close()
     finally:
-        reference.stop()
-
-    # A second broker for the crash run keeps retained messages of the two runs apart.
-    from mqtt_broker import mosquitto
-
-    with mosquitto(tmp_path) as b2:
-        fed = Federation(tmp_path / "crash", b2.port, pneumonia_npz, sizes=sizes, rounds=2)
-        fed.prepare(train.labels).close()
-        fed.start_all()
-        try:
-            store = open_store(f"sqlite:///{fed.state / 'state.db'}")
-            wait_for(lambda: store.get_round(2) is not None and len(store.list_updates(2)) >= 1, 240,
-                     "a first acknowledged update in round 2", fed, poll=0.02)
-            fed.kill_coordinator()
-            before = store.list_updates(2)
-            assert 1 <= len(before) < len(sizes), "the kill must land mid-round"
-            r2 = store.get_round(2)
-            assert r2 is not None and r2.status == "collecting"
-            time.sleep(1.0)  # agents keep working (and resending) while the coordinator is down
-            fed.start_coordinator()
-            wait_for(lambda: round_complete(fed, 2), 240, "round 2 after restart", fed)
-            after = store.list_updates(2)
-            store.close()
-        finally:
-            fed.stop()
+        fed.stop()
     assert {u.update_id for u in before} <= {u.update_id for u in after}, "an acknowledged update was lost"
     assert sorted(u.agent_id for u in after) == sorted(fed.sites), "each agent counted exactly once"
     assert len({u.update_id for u in after}) == len(after)
-    assert _history(fed) == _history(reference)
+    history = _history(fed)
+    assert [h[:3] for h in history] == [("v0", None, []), ("v1", "v0", fed.sites), ("v2", "v1", fed.sites)]
+    repo = ModelRepository(fed.state / "models")
+    uninterrupted = simulate_federation(pneumonia_npz, fed.sites, stratified_parts(train.labels, sizes, fed.seed), 2,
+                                        training=federation_training(fed.lr))
+    for r, weights in enumerate(uninterrupted, start=1):
+        assert bitwise_diff(weights, repo.tensors(f"v{r}")) == [], f"v{r} differs from the uninterrupted run"
 
 
 def test_broker_killed_mid_round_round_completes(tmp_path: Path, broker: Broker, pneumonia_npz: Path) -> None:
@@ -128,7 +124,7 @@ def test_dead_broker_gives_clear_error_and_exit_code(tmp_path: Path) -> None:
     ensure_signing_key(tmp_path / "coord")
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "fedscan", "agent", "--id", "site-x", "--broker", f"127.0.0.1:{port}",
+        [*forkserver.command(), "agent", "--id", "site-x", "--broker", f"127.0.0.1:{port}",
          "--state", str(tmp_path / "s"), "--trust", str(trust_path(tmp_path / "coord"))],
         capture_output=True, text=True, timeout=120,
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
+import forkserver
 import httpx
 import paho.mqtt.client as mqtt
 import pydicom
@@ -57,7 +57,7 @@ def test_agent_logs_audit_and_mqtt_hold_no_patient_identifiers(tmp_path: Path, b
     log = tmp_path / "agent.log"
     with open(log, "wb") as fh:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "fedscan", "agent", "--id", "site-1", "--broker", f"127.0.0.1:{broker.port}",
+            [*forkserver.command(), "agent", "--id", "site-1", "--broker", f"127.0.0.1:{broker.port}",
              "--state", str(state), "--data", str(pneumonia_npz), "--indices",
              str(tmp_path / "fed" / "site-1" / "indices.npy"), "--http-port", str(port), "--threads", "1",
              "--no-resource-gates", "--verbose", "--trust", str(fed.trust)], stdout=fh, stderr=subprocess.STDOUT, env=env)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import forkserver
 import httpx
 import numpy as np
 import pytest
@@ -32,7 +32,7 @@ PROFILE = "xray-cxr-28-oneshot"
 
 def _spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "fedscan", *args], stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*forkserver.command(), *args], stdout=fh, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env))
 
 

@@ -18,10 +18,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forkserver
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -86,7 +86,7 @@ def test_burst_over_default_queue_limit_loses_no_update(tmp_path: Path) -> None:
         # the agents first, so that every one holds a persistent session when the round is announced
         outs = [tmp_path / f"agents-{i}.json" for i in range(PROCESSES)]
         for i in range(PROCESSES):
-            procs.append(_spawn([sys.executable, str(ROOT / "bench" / "load_fleet.py"), "--port", str(port),
+            procs.append(_spawn([*forkserver.script_command(ROOT / "bench" / "load_fleet.py"), "--port", str(port),
                                  "--state", str(state), "--ids", ",".join(ids[i::PROCESSES]), "--workers", "100",
                                  "--ack-timeout", "8", "--seed", str(i), "--out", str(outs[i])],
                                 tmp_path / f"agents-{i}.log"))
@@ -95,7 +95,7 @@ def test_burst_over_default_queue_limit_loses_no_update(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "agents did not connect\n" + _logs(tmp_path)
             assert all(p.poll() is None for p in procs), _logs(tmp_path)
             time.sleep(0.2)
-        coord = _spawn([sys.executable, "-m", "fedscan", "coordinator", "--state", str(state), "--broker",
+        coord = _spawn([*forkserver.command(), "coordinator", "--state", str(state), "--broker",
                         f"127.0.0.1:{port}", "--rounds", "1", "--min-clients", str(AGENTS), "--deadline", "600",
                         "--no-export", "--exit-when-done", "--threads", "1", "--chunk-bytes", "16384"],
                        tmp_path / "coordinator.log")

@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import forkserver
 import numpy as np
 import pytest
 from fedproc import wait_for
@@ -47,7 +47,7 @@ class Fleet:
     def _spawn(self, name: str, args: list[str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedscan", *args], stdout=fh,
+            self.procs[name] = subprocess.Popen([*forkserver.command(), *args], stdout=fh,
                                                 stderr=subprocess.STDOUT, env=ENV)
 
     def enroll(self, tags: list[str]) -> None:
@@ -73,7 +73,7 @@ class Fleet:
         p.wait(10)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fedscan", *args, "--state", str(self.state)], env=ENV,
+        return subprocess.run([*forkserver.command(), *args, "--state", str(self.state)], env=ENV,
                               capture_output=True, text=True, timeout=60)
 
     def stop(self) -> None:

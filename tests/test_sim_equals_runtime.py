@@ -29,15 +29,12 @@ import numpy as np
 import pytest
 from fedproc import Federation, stratified_parts, wait_for
 from mqtt_broker import Broker
+from simref import bitwise_diff, federation_training, simulate_federation
 
 from coordinator.model_repo import ModelRepository
-from coordinator.model_spec import model_spec_for
 from coordinator.rounds import round_training
-from coordinator.rounds.settings import downlink_step_codec
 from coordinator.store import open_store
 from coordinator.strategies import build_strategy
-from fedscan.experiments import federated
-from firmware.profile import find_profile
 from learning.datasets import load_medmnist
 from learning.recipe import STRATEGY, STRATEGY_ARGS, default_training
 from protocol.codec import Tensors
@@ -57,30 +54,16 @@ must match the simulation's too. ``FEDSCAN_SIM_CODEC=raw`` runs the default prod
 
 def _training() -> TrainingConfig:
     """What ``fedscan coordinator`` builds from Federation's command line."""
-    return TrainingConfig(local_epochs=1, batch_size=32, lr=LR, prox_mu=0.0, max_steps=None, loss="balanced_ce")
+    return federation_training(LR)
 
 
 def _simulate(train_path: Path, sites: list[str], parts: list[np.ndarray], rounds: int = ROUNDS, *,
               training: TrainingConfig | None = None, strategy: str = "fedavg", codec: str = CODEC,
               strategy_args: dict[str, float] | None = None) -> list[Tensors]:
-    train = load_medmnist(train_path, "train")
-    profile = find_profile("xray-cxr-28")
-    spec = model_spec_for(profile)
-    per_round: list[Tensors] = []
     # the downlink the coordinator picks for ``--downlink-codec auto`` and this uplink codec (compressed
     # steps once the uplink is lossy, exact for a lossless one): the simulation publishes the same models
-    downlink = downlink_step_codec(DOWNLINK, profile, codec)
-    federated(spec, train, parts, None, rounds=rounds, training=training or _training(), strategy=strategy,
-              strategy_args=strategy_args, seed=0,
-              threads=1, site_names=sites, codec=codec, downlink=downlink, on_round=lambda w: per_round.append({k: v.copy() for k, v in w.items()}))
-    return per_round
-
-
-def _bitwise_diff(a: Tensors, b: Tensors) -> list[str]:
-    """Names of the tensors that differ in name order, dtype, shape or any bit."""
-    if list(a) != list(b):
-        return [f"names differ: {list(a)[:3]} vs {list(b)[:3]}"]
-    return [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or a[k].tobytes() != b[k].tobytes()]
+    return simulate_federation(train_path, sites, parts, rounds, training=training or _training(), strategy=strategy,
+                               codec=codec, downlink_flag=DOWNLINK, strategy_args=strategy_args)
 
 
 def _run_agent_processes(tmp_path: Path, broker: Broker, npz: Path, coordinator_args: list[str]
@@ -126,13 +109,13 @@ def test_in_process_rounds_equal_agent_processes_over_mqtt_bitwise(tmp_path: Pat
     runtime = [repo.tensors(f"v{r}") for r in range(1, ROUNDS + 1)]
     simulated = _simulate(pneumonia_npz, fed.sites, parts)
     assert len(simulated) == ROUNDS
-    assert _bitwise_diff(runtime[0], repo.tensors("v0")), "round 1 must change the model"
+    assert bitwise_diff(runtime[0], repo.tensors("v0")), "round 1 must change the model"
     for r in range(ROUNDS):
-        assert _bitwise_diff(simulated[r], runtime[r]) == [], f"round {r + 1}: simulation != runtime"
+        assert bitwise_diff(simulated[r], runtime[r]) == [], f"round {r + 1}: simulation != runtime"
 
     # control: the comparison is sharp enough to see one site's seed and data change hands
     swapped = [fed.sites[1], fed.sites[0], fed.sites[2]]
-    assert _bitwise_diff(_simulate(pneumonia_npz, swapped, parts, rounds=1)[0], runtime[0]) != []
+    assert bitwise_diff(_simulate(pneumonia_npz, swapped, parts, rounds=1)[0], runtime[0]) != []
 
 
 RECIPE_STEPS = 3
@@ -155,11 +138,11 @@ def test_default_recipe_with_server_momentum_equals_agent_processes_bitwise(tmp_
     simulated = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy=STRATEGY, codec="raw",
                           strategy_args=dict(STRATEGY_ARGS))
     for r in range(ROUNDS):
-        assert _bitwise_diff(simulated[r], runtime[r]) == [], f"round {r + 1}: simulation != runtime"
+        assert bitwise_diff(simulated[r], runtime[r]) == [], f"round {r + 1}: simulation != runtime"
     # control: FedAvgM's usual momentum (0.9) is not what the recipe's coordinator ran
     usual = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy=STRATEGY, codec="raw",
                       strategy_args={"momentum": 0.9})
-    assert _bitwise_diff(usual[1], runtime[1]) != []
+    assert bitwise_diff(usual[1], runtime[1]) != []
     # control: without the server momentum the second round differs (the velocity is part of the state)
     plain = _simulate(pneumonia_npz, fed.sites, parts, training=training, strategy="fedavg", codec="raw")
-    assert _bitwise_diff(plain[1], runtime[1]) != []
+    assert bitwise_diff(plain[1], runtime[1]) != []

@@ -8,11 +8,11 @@ import io
 import os
 import re
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import forkserver
 import httpx
 import pytest
 from fedproc import Federation, wait_for
@@ -39,7 +39,7 @@ def _run(tmp: Path, npz: Path, labels: object, *, load: bool) -> tuple[str, list
         env = dict(os.environ, OMP_NUM_THREADS="1", FEDSCAN_API_TOKENS=f"clinician:{TOKEN}")
         with open(log, "wb") as fh:
             agent = subprocess.Popen(
-                [sys.executable, "-m", "fedscan", "agent", "--id", "site-1", "--broker", f"127.0.0.1:{broker.port}",
+                [*forkserver.command(), "agent", "--id", "site-1", "--broker", f"127.0.0.1:{broker.port}",
                  "--state", str(tmp / "state"), "--data", str(npz), "--indices",
                  str(tmp / "fed" / "site-1" / "indices.npy"), "--http-port", str(port), "--threads", "1",
                  "--no-resource-gates", "--trust", str(fed.trust)], stdout=fh, stderr=subprocess.STDOUT, env=env)
