@@ -106,7 +106,7 @@ class Federation:
 
     def kill_coordinator(self) -> None:
         assert self.coordinator is not None
-        self.coordinator.send_signal(signal.SIGKILL)
+        forkserver.send_signal(self.coordinator, signal.SIGKILL)  # the process itself, at once
         self.coordinator.wait(10)
 
     def stop(self) -> None:

@@ -11,7 +11,8 @@ client (``tests/forkserver_client.py``, the standard library only, started with 
 its stdin/stdout/stderr, argv, environment and working directory to the server; the server forks a
 child that takes those over, sets ``sys.argv``/``sys.path`` as ``python -m`` / ``python SCRIPT`` would
 and runs the module or script as ``__main__``. The client forwards the signals a test sends (SIGTERM,
-SIGINT, SIGHUP, SIGUSR1/2) to the child and ends as the child ends: the same exit code, or killed by
+SIGINT, SIGHUP, SIGUSR1/2) to the child (SIGSTOP cannot be caught: tests stall a process with
+``send_signal(proc, SIGSTOP)``, which signals the child itself) and ends as the child ends: the same exit code, or killed by
 the same signal. SIGKILL cannot be forwarded: the server notices the client's death (its end of the
 socket closes) and SIGKILLs the child at once. So ``Popen.wait()``, ``returncode``, ``terminate()``,
 ``send_signal(SIGKILL)`` and log files behave as with ``python -m fedscan``; what differs is the pid
@@ -44,6 +45,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -88,6 +90,28 @@ def script_command(path: Path) -> list[str]:
     if not enabled():
         return [sys.executable, str(path)]
     return [sys.executable, "-S", str(CLIENT), _ensure_server(), str(path)]
+
+
+def send_signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the process that does ``proc``'s work: the forked child behind a client, else ``proc``.
+
+    The client forwards the signals it can catch; SIGSTOP cannot be caught, so a test that stalls a
+    process (SIGSTOP ... SIGCONT) sends both through this. A SIGKILL sent here kills the child at once
+    (the client then ends killed by SIGKILL too), rather than the child shortly after its client."""
+    args = proc.args if isinstance(proc.args, list) else []
+    if str(CLIENT) not in map(str, args):
+        proc.send_signal(sig)
+        return
+    if proc.poll() is not None:  # as Popen.send_signal: nothing to signal once it has ended
+        return
+    marker = Path(str(args[args.index(str(CLIENT)) + 1])).parent / f"{proc.pid}.child"
+    deadline = time.monotonic() + 60
+    while not marker.exists():  # written as soon as the server has forked the child
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ProcessLookupError(f"no forked child behind client {proc.pid}")
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+        os.kill(int(marker.read_text()), sig)
 
 
 # ---- the server (run as a script) -------------------------------------------------------------------

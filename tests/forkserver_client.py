@@ -50,6 +50,10 @@ def main() -> None:
     if len(first) != 2 or first[0] != "pid":
         raise SystemExit(f"forkserver_client: the server refused the request ({first})")
     child = int(first[1])
+    marker = os.path.join(os.path.dirname(path), f"{os.getpid()}.child")  # for forkserver.send_signal (SIGSTOP)
+    with open(marker + ".tmp", "w") as fh:
+        fh.write(str(child))
+    os.rename(marker + ".tmp", marker)
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -71,7 +75,8 @@ def main() -> None:
         sig = os.WTERMSIG(status)
         for s in FORWARDED:
             signal.signal(s, signal.SIG_DFL)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         time.sleep(1)
     sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)

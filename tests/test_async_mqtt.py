@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import forkserver
 import pytest
 from fedproc import Federation, wait_for
 from mqtt_broker import Broker
@@ -43,19 +44,19 @@ def test_a_stalled_agent_does_not_block_async_rounds_and_its_late_update_counts(
     try:
         wait_for(lambda: _store_value(fed, lambda s: bool((a := s.get_agent("site-3")) and a.online)), 120,
                  "site-3 online", fed)
-        fed.agents["site-3"].send_signal(signal.SIGSTOP)
+        forkserver.send_signal(fed.agents["site-3"], signal.SIGSTOP)
         wait_for(lambda: _status(fed, 2) == "complete", 240, "rounds 1 and 2 without site-3", fed)
         for name in ("site-1", "site-2"):
-            fed.agents[name].send_signal(signal.SIGSTOP)
+            forkserver.send_signal(fed.agents[name], signal.SIGSTOP)
         assert _store_value(fed, lambda s: len(s.list_updates(3))) == 0, "site-1/2 were stopped too late"
-        fed.agents["site-3"].send_signal(signal.SIGCONT)
+        forkserver.send_signal(fed.agents["site-3"], signal.SIGCONT)
         wait_for(lambda: _store_value(fed, lambda s: len(s.list_updates(3))) == 1, 120, "site-3's late update", fed)
-        fed.agents["site-1"].send_signal(signal.SIGCONT)
+        forkserver.send_signal(fed.agents["site-1"], signal.SIGCONT)
         wait_for(lambda: _status(fed, 3) == "complete", 120, "round 3", fed)
-        fed.agents["site-2"].send_signal(signal.SIGCONT)
+        forkserver.send_signal(fed.agents["site-2"], signal.SIGCONT)
     finally:
         for p in fed.agents.values():
-            p.send_signal(signal.SIGCONT)
+            forkserver.send_signal(p, signal.SIGCONT)
         fed.stop()
     rounds = _store_value(fed, lambda s: {r: {u.agent_id: u.staleness for u in s.list_updates(r)} for r in (1, 2, 3)})
     assert rounds[1] == {"site-1": 0, "site-2": 0}

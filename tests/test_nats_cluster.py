@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import forkserver
 import paho.mqtt.client as mqtt
 import pytest
 from fedproc import Federation, round_complete, round_opened, wait_for
@@ -134,7 +135,7 @@ def test_round_completes_when_nodes_die_mid_round(tmp_path: Path, pneumonia_npz:
             wait_for(lambda: all(any(p != agents_node.mqtt_port for p in _connected_ports(fed.root / n / "agent.log"))
                                  for n in moved), 120, "the moved agents on another node", fed)
             for proc in fed.agents.values():
-                proc.send_signal(signal.SIGSTOP)
+                forkserver.send_signal(proc, signal.SIGSTOP)
             try:
                 wait_for(lambda: round_complete(fed, 1), 240, "round 1 after the node died", fed)
                 cluster.start_node(agents_node)
@@ -144,7 +145,7 @@ def test_round_completes_when_nodes_die_mid_round(tmp_path: Path, pneumonia_npz:
                 assert _accepted(fed, 2) == [], "the second kill must land before round 2's updates"
             finally:
                 for proc in fed.agents.values():
-                    proc.send_signal(signal.SIGCONT)
+                    forkserver.send_signal(proc, signal.SIGCONT)
             wait_for(lambda: round_complete(fed, 2), 300, "round 2 after the coordinator's node died", fed)
         finally:
             fed.stop()

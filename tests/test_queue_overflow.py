@@ -105,14 +105,14 @@ def test_burst_over_default_queue_limit_loses_no_update(tmp_path: Path) -> None:
         while store.get_round(1) is None or not store.list_updates(1):
             assert time.monotonic() < deadline and coord.poll() is None, "no update accepted\n" + _logs(tmp_path)
             time.sleep(0.02)
-        coord.send_signal(signal.SIGSTOP)
+        forkserver.send_signal(coord, signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 60
             while dropped.value == 0 and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(2.0)  # let the rest of the burst arrive (and be dropped)
         finally:
-            coord.send_signal(signal.SIGCONT)
+            forkserver.send_signal(coord, signal.SIGCONT)
         assert dropped.value > 0, "the broker dropped nothing: the burst did not overflow its queue"
         seen_dropped = dropped.value
         assert coord.wait(timeout=240) == 0, _logs(tmp_path)

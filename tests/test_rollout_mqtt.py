@@ -69,7 +69,7 @@ class Fleet:
 
     def kill(self, name: str) -> None:
         p = self.procs.pop(name)
-        p.send_signal(signal.SIGKILL)
+        forkserver.send_signal(p, signal.SIGKILL)  # the process itself, at once
         p.wait(10)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
