@@ -56,7 +56,7 @@ test:
 	$(PY) -m pytest -q -rsR -n 2 tests
 
 bench-quick: install
-	@sh tools/bench_quick.sh $(PY) $(BENCHES)
+	@$(PY) tools/bench_quick.py $(BENCHES)
 
 bench: install
 	@for b in $(BENCHES); do \

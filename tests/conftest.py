@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tools/ (not an installed package)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from mqtt_broker import Broker, mosquitto

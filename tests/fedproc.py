@@ -10,12 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import forkserver
 import numpy as np
 
 from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.store import RoundRecord, Store, open_store
 from fedscan.broker import stop_processes
+from tools import forkserver
 
 
 def stratified_parts(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:

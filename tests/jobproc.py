@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import forkserver
+from tools import forkserver
 
 
 def spawn_fedscan(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:

@@ -8,7 +8,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import forkserver
 import httpx
 import pytest
 from fedproc import Federation, wait_for
@@ -16,6 +15,7 @@ from mqtt_broker import Broker, free_port
 from PIL import Image
 
 from learning.datasets import load_medmnist
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 TOKEN = "clinic-token-0123456789abcdef"

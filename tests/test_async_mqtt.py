@@ -7,13 +7,13 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import forkserver
 import pytest
 from fedproc import Federation, wait_for
 from mqtt_broker import Broker
 
 from coordinator.store import open_store
 from learning.datasets import load_medmnist
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 

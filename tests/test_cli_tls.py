@@ -7,7 +7,6 @@ import subprocess
 import threading
 from pathlib import Path
 
-import forkserver
 import paho.mqtt.client as mqtt
 import pytest
 from tls_broker import tls_mosquitto
@@ -18,6 +17,7 @@ from coordinator.pki import FleetPKI
 from coordinator.store import open_store
 from protocol.messages import Status, parse_message
 from protocol.topics import Topics
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 FLEET = "default"

@@ -6,7 +6,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import forkserver
 import pytest
 from fedproc import Federation, round_complete, stratified_parts, wait_for
 from mqtt_broker import Broker
@@ -19,6 +18,7 @@ from fedscan.compose import model_spec_for
 from fedscan.experiments import split_metrics
 from firmware.profile import find_profile
 from learning.datasets import load_medmnist
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 

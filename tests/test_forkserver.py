@@ -1,4 +1,4 @@
-"""The fork server the multi-process tests start their processes through (tests/forkserver.py) behaves
+"""The fork server the multi-process tests start their processes through (tools/forkserver.py) behaves
 like a plain interpreter where those tests look: output, exit status, argv, environment, directory,
 signals (forwarded, SIGSTOP, SIGKILL of either side) and fresh random states."""
 
@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import forkserver
 import pytest
+
+from tools import forkserver
 
 CHILD = r'''
 import json, os, random, signal, sys, time

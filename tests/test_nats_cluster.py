@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import forkserver
 import paho.mqtt.client as mqtt
 import pytest
 from fedproc import Federation, round_complete, round_opened, wait_for
@@ -25,6 +24,7 @@ from learning.datasets import load_medmnist
 from protocol.broker_address import parse_broker_list, start_index
 from protocol.errors import TransportError
 from protocol.transport import MqttTransport
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ import subprocess
 import threading
 from pathlib import Path
 
-import forkserver
 import httpx
 import paho.mqtt.client as mqtt
 import pydicom
@@ -18,6 +17,7 @@ from mqtt_broker import Broker, free_port
 from pydicom.data import get_testdata_file
 
 from learning.datasets import load_medmnist
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 TOKEN = "clinic-token-0123456789abcdef"

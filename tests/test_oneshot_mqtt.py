@@ -10,7 +10,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import forkserver
 import httpx
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from coordinator.store import open_store
 from fedscan.broker import free_port, stop_processes
 from learning.datasets import load_medmnist
 from protocol.jobs import Job
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 TOKEN = "oneshot-token-0123456789abcdef"

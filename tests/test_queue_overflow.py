@@ -21,7 +21,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import forkserver
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -30,6 +29,7 @@ from coordinator.keys import ensure_signing_key
 from coordinator.states import RoundStatus
 from coordinator.store import open_store
 from fedscan.broker import free_port, stop_processes, wait_port
+from tools import forkserver
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS, PROCESSES = 300, 3

@@ -10,7 +10,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import forkserver
 import numpy as np
 import pytest
 from fedproc import wait_for
@@ -24,6 +23,7 @@ from protocol.messages import Shadow
 from protocol.signing import SigningKey
 from protocol.topics import Topics
 from protocol.transport import MqttTransport
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 

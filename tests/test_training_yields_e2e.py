@@ -12,7 +12,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import forkserver
 import httpx
 import pytest
 from fedproc import Federation, wait_for
@@ -22,6 +21,7 @@ from PIL import Image
 from coordinator.store import BlobStore
 from learning.datasets import load_medmnist
 from protocol.frame import read_header
+from tools import forkserver
 
 pytestmark = pytest.mark.integration
 TOKEN = "clinic-token-0123456789abcdef"

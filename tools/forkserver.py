@@ -1,4 +1,4 @@
-"""A fork server for the multi-process tests: ``python -m fedscan`` processes without the import bill.
+"""A fork server for the multi-process tests and the quick benches: processes without the import bill.
 
 Every ``fedscan coordinator`` / ``fedscan agent`` process spends ~5 s of CPU importing torch and the
 project before it does anything; the multi-process tests start well over a hundred of them on a
@@ -7,7 +7,7 @@ start imports: ``fedscan.cli`` and ``fedscan.compose``, and nothing else, so no 
 effect differs), then forks a child per requested process.
 
 What a test sees is still a process of its own: ``command()`` returns an argv that starts a small
-client (``tests/forkserver_client.py``, the standard library only, started with ``-S``), which hands
+client (``tools/forkserver_client.py``, the standard library only, started with ``-S``), which hands
 its stdin/stdout/stderr, argv, environment and working directory to the server; the server forks a
 child that takes those over, sets ``sys.argv``/``sys.path`` as ``python -m`` / ``python SCRIPT`` would
 and runs the module or script as ``__main__``. The client forwards the signals a test sends (SIGTERM,
@@ -241,7 +241,7 @@ def _preload() -> None:
 
 
 def main(path: str) -> None:
-    sys.path[0] = os.getcwd()  # not tests/ (this script's folder); each child sets its own sys.path[0]
+    sys.path[0] = os.getcwd()  # not tools/ (this script's folder); each child sets its own sys.path[0]
     _preload()
     child = _serve(path)
     if child is None:

@@ -1,4 +1,4 @@
-"""The client half of ``tests/forkserver.py``: stands in for one ``python -m MODULE ARGS`` process.
+"""The client half of ``tools/forkserver.py``: stands in for one ``python -m MODULE ARGS`` process.
 
 Usage: ``python -S forkserver_client.py SOCKET (-m MODULE | SCRIPT) ARGS...``. Standard library only (it
 starts in a few milliseconds). It hands its stdio, argv, environment and directory to the fork server,
