@@ -47,6 +47,9 @@ lint: install
 # pytest runs on two workers (pytest-xdist). Tried and dropped: the multi-process test modules first
 # (xdist's load scheduler then queued all of them on one worker: 15 min instead of 13.7).
 # A failed multi-process test is rerun once and listed as RERUN in the summary (tests/conftest.py).
+# The multi-process tests and the quick benches start their Python processes through a fork server
+# (tools/forkserver.py: torch and the other libraries imported once per pytest worker, not once per
+# process); FEDSCAN_TEST_FORKSERVER=0 starts plain interpreters instead.
 # The pip install and the Debian packages go side by side (both mostly wait on disk: about 5 minutes
 # one after the other on a fresh machine).
 test:
