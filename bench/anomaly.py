@@ -259,6 +259,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0,
                    help="override every dataset's rounds (0: SETTINGS); with --split val and --name, to choose the budget")
     a = p.parse_args()
+    if a.rounds and a.name == "anomaly" and not a.quick:
+        p.error("--rounds changes the settings: give the run its own --name (anomaly.json holds the default settings' run)")
     seeds = 1 if a.quick else a.seeds
     datasets, shifts = a.datasets.split(","), a.shifts.split(",")
     jobs = plan(datasets, shifts, seeds, 3)
