@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -72,9 +73,17 @@ def _ensure_server() -> str:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         _server = subprocess.Popen([sys.executable, str(Path(__file__)), _socket_path], env=env,
                                    stdin=subprocess.DEVNULL)
-        atexit.register(_server.terminate)
+        atexit.register(_stop, _server, os.path.dirname(_socket_path))
     assert _socket_path is not None
     return _socket_path
+
+
+def _stop(server: subprocess.Popen[bytes], folder: str) -> None:
+    """At exit: end the server (it also ends by itself once its parent is gone) and remove its folder."""
+    server.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(10)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def command(module: str = "fedscan") -> list[str]:
