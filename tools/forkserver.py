@@ -239,9 +239,12 @@ def _preload() -> None:
     import importlib
 
     probe = "import json, sys, fedscan.cli, fedscan.compose; print(json.dumps(list(sys.modules)))"
-    listed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                            stdin=subprocess.DEVNULL).stdout
-    names = [n for n in json.loads(listed) if n.split(".")[0] not in OURS | THREADED]
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    try:
+        names = [n for n in json.loads(run.stdout) if n.split(".")[0] not in OURS | THREADED]
+    except ValueError:  # our modules do not import: each child fails as a plain process would, with its own log
+        print(f"forkserver: the import probe failed, preloading less:\n{run.stderr[-2000:]}", file=sys.stderr)
+        names = []
     for name in [*names, *ON_FIRST_USE]:
         try:
             importlib.import_module(name)
