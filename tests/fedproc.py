@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Federation:
     local_epochs: int = 1
     extra_coordinator_args: list[str] = field(default_factory=list)
     broker: str | None = None  # a --broker value (e.g. a cluster's node list); default 127.0.0.1:{port}
+    forked: bool = True  # processes forked from a pre-imported interpreter (tools/forkserver.py); False: plain ones
     coordinator: subprocess.Popen[bytes] | None = None
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -75,7 +77,8 @@ class Federation:
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(log, "ab") as fh:
-            return subprocess.Popen([*forkserver.command(), *args], stdout=fh, stderr=subprocess.STDOUT,
+            prefix = forkserver.command() if self.forked else [sys.executable, "-m", "fedscan"]
+            return subprocess.Popen([*prefix, *args], stdout=fh, stderr=subprocess.STDOUT,
                                     env=env)
 
     def start_coordinator(self) -> None:

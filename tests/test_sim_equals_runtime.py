@@ -71,7 +71,9 @@ def _run_agent_processes(tmp_path: Path, broker: Broker, npz: Path, coordinator_
     """Run ROUNDS rounds with a coordinator and the SIZES agents as processes; return the federation, the
     agents' index shares, the round records and each round's (agent, sample count) updates."""
     labels = load_medmnist(npz, "train").labels
-    fed = Federation(tmp_path, broker.port, npz, sizes=SIZES, rounds=ROUNDS, lr=LR,
+    # plain interpreters, not forks of a pre-imported one: this is the test that the product's own
+    # process start computes what the simulation computes
+    fed = Federation(tmp_path, broker.port, npz, sizes=SIZES, rounds=ROUNDS, lr=LR, forked=False,
                      extra_coordinator_args=coordinator_args)
     fed.prepare(labels).close()
     parts = stratified_parts(labels, SIZES, fed.seed)  # what prepare() gave each agent (indices.npy)
