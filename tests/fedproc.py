@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from jobproc import spawn_fedscan
 
 from coordinator.keys import ensure_signing_key, trust_path
 from coordinator.store import RoundRecord, Store, open_store
@@ -75,11 +74,7 @@ class Federation:
         return store
 
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        with open(log, "ab") as fh:
-            prefix = forkserver.command() if self.forked else [sys.executable, "-m", "fedscan"]
-            return subprocess.Popen([*prefix, *args], stdout=fh, stderr=subprocess.STDOUT,
-                                    env=env)
+        return spawn_fedscan(args, log, forked=self.forked)
 
     def start_coordinator(self) -> None:
         self.coordinator = self._spawn(

@@ -11,10 +11,11 @@ from pathlib import Path
 from tools import forkserver
 
 
-def spawn_fedscan(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
-    """Start ``python -m fedscan ARGS`` (one torch thread, unbuffered) with its output appended to ``log``."""
+def spawn_fedscan(args: list[str], log: Path, *, forked: bool = True, **env: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m fedscan ARGS`` (one torch thread, unbuffered) with its output appended to ``log``;
+    forked from the fork server unless ``forked`` is False (tools/forkserver.py)."""
     with open(log, "ab") as fh:
-        return subprocess.Popen([*forkserver.command(), *args], stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*forkserver.command(forked=forked), *args], stdout=fh, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env))
 
 

@@ -98,6 +98,7 @@ def test_module_mode_runs_like_python_dash_m(tmp_path: Path) -> None:
     plain = subprocess.run([sys.executable, "-m", "fedscan", "nosuch-command"], capture_output=True, text=True,
                            cwd=tmp_path, timeout=120)
     assert r.returncode == plain.returncode == 2
+    assert forkserver.command("fedscan", forked=False) == [sys.executable, "-m", "fedscan"]
     assert "No such command" in r.stderr and r.stderr == plain.stderr
 
 

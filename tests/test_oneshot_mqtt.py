@@ -6,14 +6,13 @@ through ``/v1/diagnose`` as a classifier."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from fedproc import stratified_parts, wait_for
+from jobproc import spawn_fedscan
 from mqtt_broker import Broker
 from PIL import Image
 
@@ -23,17 +22,10 @@ from coordinator.store import open_store
 from fedscan.broker import free_port, stop_processes
 from learning.datasets import load_medmnist
 from protocol.jobs import Job
-from tools import forkserver
 
 pytestmark = pytest.mark.integration
 TOKEN = "oneshot-token-0123456789abcdef"
 PROFILE = "xray-cxr-28-oneshot"
-
-
-def _spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen([*forkserver.command(), *args], stdout=fh, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env))
 
 
 def test_oneshot_job_one_upload_per_site_over_mosquitto(tmp_path: Path, broker: Broker, pneumonia_npz: Path) -> None:
@@ -49,7 +41,7 @@ def test_oneshot_job_one_upload_per_site_over_mosquitto(tmp_path: Path, broker: 
         store.enroll_agent(name, PROFILE, ["oneshot"])
     port = free_port()
     logs = [coord / "coordinator.log", *(tmp_path / n / "agent.log" for n in sites)]
-    procs = [_spawn(["coordinator", "--state", str(coord), "--broker", f"127.0.0.1:{broker.port}", "--profile",
+    procs = [spawn_fedscan(["coordinator", "--state", str(coord), "--broker", f"127.0.0.1:{broker.port}", "--profile",
                      PROFILE, "--job", "oneshot", "--job-option", "epochs=1", "--job-option", "iterations=4",
                      "--job-option", "batch_size=8", "--job-option", "replay_steps=2", "--rounds", "1",
                      "--min-clients", "2", "--local-epochs", "1", "--lr", "0.02", "--val-data", str(pneumonia_npz),
@@ -57,7 +49,7 @@ def test_oneshot_job_one_upload_per_site_over_mosquitto(tmp_path: Path, broker: 
                      "--deadline", "900"], logs[0])]
     for name in sites:
         extra = ["--http-port", str(port)] if name == "site-1" else []
-        procs.append(_spawn(["agent", "--id", name, "--broker", f"127.0.0.1:{broker.port}", "--profile", PROFILE,
+        procs.append(spawn_fedscan(["agent", "--id", name, "--broker", f"127.0.0.1:{broker.port}", "--profile", PROFILE,
                              "--state", str(tmp_path / name / "state"), "--data", str(pneumonia_npz), "--indices",
                              str(tmp_path / name / "indices.npy"), "--threads", "1", "--no-resource-gates",
                              "--trust", str(trust_path(coord)), *extra],

@@ -2,9 +2,8 @@
 
 Every ``fedscan coordinator`` / ``fedscan agent`` process spends ~5 s of CPU importing torch and the
 project before it does anything; the multi-process tests start well over a hundred of them on a
-two-core machine. Here one interpreter per pytest worker imports all of that once (what a process
-start imports: ``fedscan.cli`` and ``fedscan.compose``, and nothing else, so no import-time side
-effect differs), then forks a child per requested process.
+two-core machine. Here one interpreter per pytest worker (and one for the quick benches) imports the
+third-party libraries once (which ones: below), then forks a child per requested process.
 
 What a test sees is still a process of its own: ``command()`` returns an argv that starts a small
 client (``tools/forkserver_client.py``, the standard library only, started with ``-S``), which hands
@@ -86,19 +85,22 @@ def _stop(server: subprocess.Popen[bytes], folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def command(module: str = "fedscan") -> list[str]:
+def _prefix(target: list[str], forked: bool) -> list[str]:
+    """``python TARGET`` through the fork server's client when ``forked`` and enabled, else plainly."""
+    if not (forked and enabled()):
+        return [sys.executable, *target]
+    return [sys.executable, "-S", str(CLIENT), _ensure_server(), *target]
+
+
+def command(module: str = "fedscan", *, forked: bool = True) -> list[str]:
     """The argv prefix that runs ``python -m MODULE`` (append its arguments), through the fork server
-    when it is enabled."""
-    if not enabled():
-        return [sys.executable, "-m", module]
-    return [sys.executable, "-S", str(CLIENT), _ensure_server(), "-m", module]
+    unless it is disabled or ``forked`` is False (a test that needs a plain interpreter's start)."""
+    return _prefix(["-m", module], forked)
 
 
 def script_command(path: Path) -> list[str]:
     """The argv prefix that runs ``python PATH`` (append its arguments), through the fork server when enabled."""
-    if not enabled():
-        return [sys.executable, str(path)]
-    return [sys.executable, "-S", str(CLIENT), _ensure_server(), str(path)]
+    return _prefix([str(path)], True)
 
 
 def send_signal(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -158,8 +160,9 @@ def _serve(path: str) -> tuple[socket.socket, dict[str, object], list[int], list
                 except (ConnectionError, OSError, ValueError):
                     conn.close()
                     continue
-                if _threads() != 1:  # a fork would copy locks held by threads that the child does not have
-                    conn.sendall(f"nofork {_threads()} threads in the fork server\n".encode())
+                threads = _threads()
+                if threads != 1:  # a fork would copy locks held by threads that the child does not have
+                    conn.sendall(f"nofork {threads} threads in the fork server\n".encode())
                     conn.close()
                     for fd in fds:
                         os.close(fd)
