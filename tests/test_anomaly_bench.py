@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from anomaly import Job, aggregate, plan, verdicts
+import anomaly
+from anomaly import Job, aggregate, main, plan, verdicts
 
 from fedscan.anomaly_arms import ArmResult
 
@@ -40,3 +41,18 @@ def test_rows_average_sites_then_seeds_and_verdicts_follow_the_numbers() -> None
     v = verdicts(rows)
     assert v == {"d/gamma/image_auroc: feddis 0.7000 vs single-mean 0.7000": False,
                  "d/gamma/image_auroc: feddis 0.7000 vs federated-fedavg-ae 0.6000": True}
+
+
+def test_rounds_without_its_own_name_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Another budget written to anomaly.json would pass for the default settings' run."""
+    monkeypatch.setattr(sys, "argv", ["anomaly.py", "--split", "val", "--rounds", "30"])
+
+    def no_work(*_a: object, **_k: object) -> None:
+        raise AssertionError("the run went past the argument check")
+
+    monkeypatch.setattr(anomaly, "plan", no_work)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "--rounds changes the settings: give the run its own --name" in capsys.readouterr().err
