@@ -141,6 +141,14 @@ def tune_server_momentum(momenta: list[float], tune_sets: list[str], seeds: list
         "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 
+def _site_best_on_validation(sites: list[Outcome]) -> Outcome:
+    """Return the site arm whose selected model had the highest validation AUC (its best round)."""
+    def val_auc(out: Outcome) -> float:
+        finite = [v for v in out.val_curve if v == v]
+        return max(finite) if finite else float("-inf")
+    return max(sites, key=val_auc)
+
+
 def main(sets_wanted: tuple[str, ...] = ("pneumoniamnist_full",), results_name: str = "defaults") -> None:
     """Run every arm on ``sets_wanted`` and write ``bench/results/RESULTS_NAME.json``.
 
@@ -208,6 +216,11 @@ def main(sets_wanted: tuple[str, ...] = ("pneumoniamnist_full",), results_name: 
         fed, cen = by["federated"], by["centralized"]
         # the best single site per seed (sites differ per seed), then the mean over seeds
         best_site = float(np.mean([max(results[(name, s, a)].test["auc"] for a in site_arms) for s in range(seeds)]))
+        # the same comparison with the best site chosen as settings are, on validation: per seed, the site whose
+        # selected model scored the highest validation AUC, then its test AUC (the maximum of four test AUCs
+        # above is the optimistic reading: it picks each seed's luckiest site on the split it reports)
+        val_site = float(np.mean([_site_best_on_validation([results[(name, s, a)] for a in site_arms]).test["auc"]
+                                  for s in range(seeds)]))
         logreg = logregs[name]
         verdict: dict[str, Any] = {
             "seed": "mean", "arm": "verdict", "dataset": name,
@@ -215,6 +228,8 @@ def main(sets_wanted: tuple[str, ...] = ("pneumoniamnist_full",), results_name: 
             "fed_minus_best_single_site_auc_points": 100 * (fed["auc"] - best_site),
             "federated_within_2_points_of_centralized": fed["auc"] >= cen["auc"] - 0.02,
             "federated_at_least_best_single_site": fed["auc"] >= best_site,
+            "fed_minus_site_best_on_validation_auc_points": 100 * (fed["auc"] - val_site),
+            "federated_at_least_site_best_on_validation": fed["auc"] >= val_site,
             "centralized_beats_logistic_regression": cen["auc"] > logreg.test["auc"],
         }
         if name == "pneumoniamnist_full":

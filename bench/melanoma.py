@@ -67,6 +67,9 @@ def row(seed: Any, out: Outcome, **extra: Any) -> dict[str, Any]:
     r: dict[str, Any] = {"seed": seed, "arm": out.name, **{k: out.test.get(k) for k in METRICS}}
     if out.test_last:
         r["auc_last_round"] = out.test_last.get("auc")
+    finite = [v for v in out.val_curve if v == v]
+    if finite:  # the validation AUC the arm's model was selected by (its best round)
+        r["val_auc"] = max(finite)
     r.update({"selected_round": out.selected_round, "steps": out.steps, "seconds": round(out.seconds, 1), **extra})
     return r
 
