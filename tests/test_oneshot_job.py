@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from coordinator.jobs import JobContext, UnknownJob
@@ -45,3 +48,10 @@ def test_options_override_the_defaults() -> None:
     assert cfg.distill.lr == DEFAULT.distill.lr and cfg.synthesis.pixel_range == DEFAULT.synthesis.pixel_range
     plan = oneshot_plan(_ctx(options={"epochs": "2"}))
     assert isinstance(plan.strategy, OneShotDistillation) and plan.strategy.config.epochs == 2
+
+
+def test_the_default_is_the_setting_the_validation_search_chose() -> None:
+    """DEFAULT may change only with a new ``bench/oneshot.py --tune`` run that picks it (a full run, not --quick)."""
+    tuning = json.loads((Path(__file__).resolve().parents[1] / "bench/results/oneshot_tuning.json").read_text())
+    assert tuning["meta"]["quick"] is False and tuning["meta"]["best"] == "default"
+    assert tuning["meta"]["candidates"]["default"] == DEFAULT.model_dump(mode="json")
