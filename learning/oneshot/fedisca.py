@@ -13,7 +13,7 @@ copied): the same losses (CE + BatchNorm statistics + total variation + optional
 rolling), the same teacher (mean of logits), the same adaptation (a batch-statistics copy of the
 teacher labelling the early snapshots, weight ``i / n``), the same KL distillation and step
 schedule. Simplified, for a CPU: the budget (the paper runs 100 epochs × 500 synthesis steps of
-256 images; the bench here a few epochs of a few dozen steps of 32), snapshots every
+256 images; the default here 24 epochs × 30 steps of 32), snapshots every
 ``keep_every`` steps with ``steps_per_snapshot`` student steps each instead of one step per
 synthesis step, pixels clamped to the valid range, no ImageNet-pretrained student.
 """
