@@ -94,10 +94,12 @@ def _tune_one(dataset: str, seed: int, federated: bool, momentum: float | None =
             "selected_round": out.selected_round, "seconds": round(out.seconds, 1)}
 
 
-def tune_rounds(candidates: list[int], tune_sets: list[str], seeds: list[int], workers: int) -> None:
+def tune_rounds(candidates: list[int], tune_sets: list[str], seeds: list[int], workers: int,
+                results_name: str = "defaults_budget_tuning") -> None:
     """Validation AUC (never test) of the recipe at each number of rounds (10 steps each), federated and
     centralized, on every dataset and seed; the budget is chosen by the federated arm's mean and its gap to
-    the centralized arm at the same budget. Rows in ``bench/results/defaults_budget_tuning.json``."""
+    the centralized arm at the same budget. Rows in ``bench/results/RESULTS_NAME.json`` (a run of further
+    budgets names another file so that the earlier candidates' rows stay)."""
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
         futs = [ex.submit(_tune_one, d, s, fed, None, r) for d in tune_sets for s in seeds for r in candidates
@@ -110,7 +112,7 @@ def tune_rounds(candidates: list[int], tune_sets: list[str], seeds: list[int], w
                      "mean_fed_minus_centralized_val_auc_points": 100 * float(np.mean([fed[k] - cen[k] for k in fed]))})
     print_table(rows, ["dataset", "seed", "arm", "rounds", "val_auc_best", "selected_round", "mean_val_auc_federated",
                        "mean_fed_minus_centralized_val_auc_points"])
-    write_rows("defaults_budget_tuning", rows, quick=False, meta={
+    write_rows(results_name, rows, quick=False, meta={
         "split": "validation only", "datasets": tune_sets, "seeds": seeds, "rounds": candidates,
         "steps_per_round": recipe.STEPS_PER_ROUND, "wall_seconds": round(time.perf_counter() - t0, 1)})
 
@@ -164,6 +166,7 @@ def main(sets_wanted: tuple[str, ...] = ("pneumoniamnist_full",), results_name: 
                    "validation, e.g. 0.5,0.6,0.7,0.8,0.9 (with --tune-datasets, --tune-seeds)")
     p.add_argument("--tune-rounds", default=None, help="comma-separated budgets in rounds (10 steps each) to compare "
                    "on validation, e.g. 40,60 (with --tune-datasets, --tune-seeds)")
+    p.add_argument("--tune-results", default="defaults_budget_tuning", help="results file of --tune-rounds")
     p.add_argument("--tune-datasets", default="isic,pneumoniamnist_full")
     p.add_argument("--tune-seeds", default="0,1")
     args = p.parse_args()
@@ -174,7 +177,7 @@ def main(sets_wanted: tuple[str, ...] = ("pneumoniamnist_full",), results_name: 
         return
     if args.tune_rounds:
         tune_rounds([int(r) for r in args.tune_rounds.split(",")], args.tune_datasets.split(","),
-                    [int(s) for s in args.tune_seeds.split(",")], args.workers)
+                    [int(s) for s in args.tune_seeds.split(",")], args.workers, args.tune_results)
         return
     rounds, steps = (2, 2) if args.quick else (recipe.ROUNDS, recipe.STEPS_PER_ROUND)
     seeds = 1 if args.quick else args.seeds
