@@ -7,6 +7,10 @@ class-balanced loss); the arms differ only in how often they talk:
 * **site alone**: each site trains its ``--steps`` steps on its own data and serves that model;
 * **one-shot**: the same site models, each uploaded once; the coordinator synthesizes images
   from them and distills their ensemble into the global model (``learning/oneshot``), no real data;
+* **ensemble (teacher)** (reference): the equal-weight mean of the site models' logits, the teacher
+  one-shot distills from, served as it is (every site model at once: sites × the inference cost).
+  Distillation rarely ends above its teacher, so where this arm is below a single site one-shot is
+  not expected to beat that site either;
 * **FedAvg@1**: the same site models, averaged once (FedAvg weights by sample count, the runtime's
   strategy) — exactly the bytes one-shot sends;
 * **FedAvg@5 / @20**: 5 or 20 rounds of ``steps / rounds`` local steps per site;
@@ -52,8 +56,10 @@ from fedscan import experiments
 from fedscan.baselines import model_probs, report
 from fedscan.oneshot_job import DEFAULT
 from learning import isic, recipe
-from learning.datasets import ArrayDataset, load_demo_splits
+from learning.datasets import DEFAULT_NORMALIZE, ArrayDataset, load_demo_splits
+from learning.metrics import predict_proba
 from learning.models import build_model
+from learning.oneshot.ensemble import Ensemble
 from learning.oneshot.fedisca import OneShotConfig, one_shot
 from learning.partition import dirichlet_label_skew
 from learning.state import get_tensors, set_tensors
@@ -129,14 +135,26 @@ def metrics_of(spec: ModelSpec, tensors: Tensors, data: ArrayDataset) -> dict[st
     return {k: float(r[k]) for k in METRICS}
 
 
-def run_oneshot(spec: ModelSpec, site_tensors: Sequence[Tensors], cfg: OneShotConfig, seed: int) -> Tensors:
-    """Return the global model distilled from the site models (coordinator side, one thread)."""
-    torch.set_num_threads(1)
+def site_models(spec: ModelSpec, site_tensors: Sequence[Tensors]) -> list[torch.nn.Module]:
+    """Return the site models built from their weights."""
     models = []
     for t in site_tensors:
         m = build_model(spec.architecture, **spec.kwargs)
         set_tensors(m, t)
         models.append(m)
+    return models
+
+
+def ensemble_metrics(spec: ModelSpec, site_tensors: Sequence[Tensors], data: ArrayDataset) -> dict[str, float]:
+    """Return AUC, balanced accuracy and accuracy of the one-shot teacher (equal-weight ensemble) on ``data``."""
+    r = report(data.labels, predict_proba(Ensemble(site_models(spec, site_tensors)), data, normalize=DEFAULT_NORMALIZE)[1])
+    return {k: float(r[k]) for k in METRICS}
+
+
+def run_oneshot(spec: ModelSpec, site_tensors: Sequence[Tensors], cfg: OneShotConfig, seed: int) -> Tensors:
+    """Return the global model distilled from the site models (coordinator side, one thread)."""
+    torch.set_num_threads(1)
+    models = site_models(spec, site_tensors)
     torch.manual_seed(seed)
     student = build_model(spec.architecture, **spec.kwargs)
     shape = (spec.input.channels, spec.input.height, spec.input.width)
@@ -196,6 +214,9 @@ def run_seed(dataset: str, seed: int, steps: int, width: int, quick: bool, cfg: 
     t1 = time.perf_counter()
     distilled = run_oneshot(spec, site_tensors, cfg, seed)
     add("oneshot", distilled, site_s + time.perf_counter() - t1, 1, 0, 1)
+    rows.append({"dataset": dataset, "seed": seed, "arm": "ensemble (teacher)",
+                 **ensemble_metrics(spec, site_tensors, test), "rounds": 1, "uplink_bytes_per_site": model_bytes,
+                 "downlink_bytes_per_site": 0, "seconds": round(site_s, 1)})
     last: dict[int, Tensors] = {}
     for rounds in FEDAVG_ROUNDS:
         t1 = time.perf_counter()
@@ -264,16 +285,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _order(arm: str) -> tuple[int, str]:
-    first = ["oneshot", "fedavg@1", "fedavg@5", "fedavg@20", "centralized"]
+    first = ["oneshot", "ensemble (teacher)", "fedavg@1", "fedavg@5", "fedavg@20", "centralized"]
     return (first.index(arm), arm) if arm in first else (len(first) + (arm.startswith("floor")), arm)
 
 
 def verdicts(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return, per dataset, whether one-shot beats FedAvg@1 and every single site; its gap to FedAvg@20; bytes."""
+    """Return, per dataset, whether one-shot beats FedAvg@1 and every single site; its gap to FedAvg@20 and to its
+    teacher; whether the teacher itself beats every site; bytes."""
     out = []
     for dataset in sorted({s["dataset"] for s in summary}):
         by = {s["arm"]: s for s in summary if s["dataset"] == dataset}
-        one, f1, f20 = by["oneshot"], by["fedavg@1"], by["fedavg@20"]
+        one, f1, f20, teacher = by["oneshot"], by["fedavg@1"], by["fedavg@20"], by["ensemble (teacher)"]
         sites = [a for a in by if a.startswith("site ")]
         up20 = f20["uplink_bytes_per_site"] + f20["downlink_bytes_per_site"]
         up1 = one["uplink_bytes_per_site"] + one["downlink_bytes_per_site"]
@@ -283,6 +305,8 @@ def verdicts(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "oneshot_beats_fedavg1_accuracy": one["accuracy"] > f1["accuracy"],
             "oneshot_beats_every_site_auc": all(one["auc"] > by[a]["auc"] for a in sites),
             "oneshot_beats_every_site_accuracy": all(one["accuracy"] > by[a]["accuracy"] for a in sites),
+            "teacher_beats_every_site_auc": all(teacher["auc"] > by[a]["auc"] for a in sites),
+            "gap_to_teacher_auc_points": 100 * (one["auc"] - teacher["auc"]),
             "oneshot_above_floor_accuracy": one["accuracy"] > by["floor (majority class)"]["accuracy"],
             "gap_to_fedavg20_auc_points": 100 * (one["auc"] - f20["auc"]),
             "gap_to_fedavg20_accuracy_points": 100 * (one["accuracy"] - f20["accuracy"]),
