@@ -131,7 +131,11 @@ def frame_bytes(tensors: Tensors) -> int:
 
 def metrics_of(spec: ModelSpec, tensors: Tensors, data: ArrayDataset) -> dict[str, float]:
     """Return AUC, balanced accuracy and accuracy of a model on ``data``."""
-    r = report(data.labels, model_probs(spec, tensors, data))
+    return _scores(data, model_probs(spec, tensors, data))
+
+
+def _scores(data: ArrayDataset, probs: np.ndarray) -> dict[str, float]:
+    r = report(data.labels, probs)
     return {k: float(r[k]) for k in METRICS}
 
 
@@ -147,8 +151,7 @@ def site_models(spec: ModelSpec, site_tensors: Sequence[Tensors]) -> list[torch.
 
 def ensemble_metrics(spec: ModelSpec, site_tensors: Sequence[Tensors], data: ArrayDataset) -> dict[str, float]:
     """Return AUC, balanced accuracy and accuracy of the one-shot teacher (equal-weight ensemble) on ``data``."""
-    r = report(data.labels, predict_proba(Ensemble(site_models(spec, site_tensors)), data, normalize=DEFAULT_NORMALIZE)[1])
-    return {k: float(r[k]) for k in METRICS}
+    return _scores(data, predict_proba(Ensemble(site_models(spec, site_tensors)), data, normalize=DEFAULT_NORMALIZE)[1])
 
 
 def run_oneshot(spec: ModelSpec, site_tensors: Sequence[Tensors], cfg: OneShotConfig, seed: int) -> Tensors:
@@ -201,10 +204,13 @@ def run_seed(dataset: str, seed: int, steps: int, width: int, quick: bool, cfg: 
     model_bytes = frame_bytes(w0)
     rows: list[dict[str, Any]] = []
 
-    def add(arm: str, tensors: Tensors, seconds: float, up: int, down: int, rounds: int) -> None:
-        rows.append({"dataset": dataset, "seed": seed, "arm": arm, **metrics_of(spec, tensors, test),
+    def row(arm: str, scores: dict[str, float], seconds: float, up: int, down: int, rounds: int) -> None:
+        rows.append({"dataset": dataset, "seed": seed, "arm": arm, **scores,
                      "rounds": rounds, "uplink_bytes_per_site": up * model_bytes,
                      "downlink_bytes_per_site": down * model_bytes, "seconds": round(seconds, 1)})
+
+    def add(arm: str, tensors: Tensors, seconds: float, up: int, down: int, rounds: int) -> None:
+        row(arm, metrics_of(spec, tensors, test), seconds, up, down, rounds)
 
     for name, t in zip(names, site_tensors, strict=True):
         add(f"site {name}", t, site_s / len(names), 0, 0, 1)
@@ -214,9 +220,7 @@ def run_seed(dataset: str, seed: int, steps: int, width: int, quick: bool, cfg: 
     t1 = time.perf_counter()
     distilled = run_oneshot(spec, site_tensors, cfg, seed)
     add("oneshot", distilled, site_s + time.perf_counter() - t1, 1, 0, 1)
-    rows.append({"dataset": dataset, "seed": seed, "arm": "ensemble (teacher)",
-                 **ensemble_metrics(spec, site_tensors, test), "rounds": 1, "uplink_bytes_per_site": model_bytes,
-                 "downlink_bytes_per_site": 0, "seconds": round(site_s, 1)})
+    row("ensemble (teacher)", ensemble_metrics(spec, site_tensors, test), site_s, 1, 0, 1)
     last: dict[int, Tensors] = {}
     for rounds in FEDAVG_ROUNDS:
         t1 = time.perf_counter()
